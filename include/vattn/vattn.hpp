@@ -1,0 +1,216 @@
+// vattn.hpp: the public C++ API of vattn, verified sparse attention for LLM decoding.
+// One call computes decode attention (one query row per sequence) over a KV cache, exactly over
+// a deterministic set of tokens and by an unbiased sample over the rest; see docs/algorithm.md.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+#include <string_view>
+
+namespace vattn {
+
+// ---------------------------------------------------------------------------------------------
+// Errors: every invalid argument raises vattn::error whose message names the argument and what
+// was expected. Non-finite values met in q, K or V raise vattn::error as well.
+class error : public std::invalid_argument {
+ public:
+  using std::invalid_argument::invalid_argument;
+};
+
+// ---------------------------------------------------------------------------------------------
+// Element types of the KV cache (queries and outputs are always f32).
+enum class dtype : int32_t { f32 = 0, f16 = 1, bf16 = 2 };
+size_t dtype_size(dtype t);
+const char* dtype_name(dtype t);
+dtype dtype_from_string(std::string_view s);  // "f32", "f16", "bf16"; throws vattn::error
+
+// ---------------------------------------------------------------------------------------------
+// Configuration (docs/algorithm.md and SPEC sections 2-6).
+
+// A size given as a count of tokens or as a fraction f of a length n (resolved as floor(f * n)).
+struct count_or_fraction {
+  double value = 0;
+  bool fraction = false;
+  int64_t resolve(int64_t n) const;
+};
+
+// The data-dependent stage of the deterministic set F.
+enum class selector : int32_t {
+  none = 0,
+  topk = 1,  // the k highest-scoring tokens outside sinks and local, as ranked by `predictor`
+  topp = 2,  // smallest prefix (by score) of the remaining tokens that brings F's mass to top_p
+};
+// How top-k ranks tokens. Only exact scores are built into the core; approximate predictors
+// (page bounds, sign-bit signatures) plug in here.
+enum class predictor : int32_t { oracle = 0 };
+// How the residual R = [0, n) \ F enters the output.
+enum class sampling : int32_t {
+  none = 0,        // R is dropped (pure top-k / top-p / sink+local baselines)
+  fixed_rate = 1,  // a uniform sample of ceil(sample_rate * n_s) tokens, weight n_s / b
+  adaptive = 2,    // vAttention: the budget b is chosen from (eps, delta) per head and query
+};
+// Which quantity the (eps, delta) guarantee bounds in adaptive sampling.
+enum class budget_mode : int32_t {
+  denominator = 0,  // |D^ - D| <= eps D (the paper's default)
+  numerator = 1,    // ||N^ - N|| <= eps ||N||
+  combined = 2,     // ||O^ - O|| <= eps ||O|| through both bounds and a union bound
+  output = 3,       // ||O^ - O|| <= eps ||O|| directly (ratio estimator, delta method)
+};
+const char* budget_mode_name(budget_mode m);
+
+struct config {
+  bool dense = false;         // exact attention over every token; every other stage must be off
+  count_or_fraction sink{};   // positions [0, sink)
+  count_or_fraction local{};  // the last `local` positions
+  selector select = selector::none;
+  predictor pred = predictor::oracle;
+  count_or_fraction topk{};  // select == topk; a fraction is of all n tokens
+  double top_p = 0;          // select == topp, in (0, 1]
+  sampling sample = sampling::none;
+  double sample_rate = 0;              // fixed_rate, in (0, 1]
+  count_or_fraction base{0.05, true};  // adaptive: base sample size m; a fraction is of n_s
+  budget_mode mode = budget_mode::denominator;
+  double eps = 0.05;        // adaptive: relative error target, in (0, 1)
+  double delta = 0.05;      // adaptive: failure probability, in (0, 1)
+  bool gqa_shared = false;  // heads of one kv group share F (union of top-k) and one sample
+  bool hub = false;   // compatibility with the reference framework (SPEC section 6); adaptive only
+  float scale = 0;    // logit scale; 0 means 1 / sqrt(head_dim)
+  uint64_t seed = 0;  // sampling key, with layer, sequence id, head and step
+  int32_t layer = 0;
+
+  // Throws vattn::error naming the first invalid field or combination.
+  void validate() const;
+  // "key=value,key=value" form used by the command line and the C API, e.g.
+  // "method=vattention,eps=0.05,delta=0.05,sink=128,local=128,topk=0.05,mode=output".
+  std::string to_string() const;
+};
+
+// Named methods (the baselines of SPEC section 7 and vAttention). Sizes are left at the values
+// the paper uses (sink 128, local 128, top-k 5% of n, base 5% of n_s, eps = delta = 0.05).
+config method_config(std::string_view method);  // dense, sink_local, topk, topp, random,
+                                                // vattention, hub; throws on other names
+// Parses "key=value" pairs separated by ',' or whitespace on top of `base` (or of a method's
+// preset when a `method=` key comes first). Unknown keys and bad values throw vattn::error.
+config parse_config(std::string_view text, const config& base = config{});
+
+// ---------------------------------------------------------------------------------------------
+// Data model: one layer's KV cache for a batch of sequences of different lengths.
+
+enum class kv_layout : int32_t { contiguous = 0, paged = 1 };
+
+// K and V share one layout and one set of strides (in elements, not bytes). Element
+// (seq s, token t, kv head h, dim d) lives at
+//   contiguous: base + (seq_start[s] + t) * stride_token + h * stride_head + d
+//   paged:      base + page * stride_page + (t % page_size) * stride_token + h * stride_head + d,
+//               page = page_table[page_start[s] + t / page_size]
+// A zero stride takes the packed default: stride_head = head_dim, stride_token =
+// n_head_kv * stride_head, stride_page = page_size * stride_token.
+struct kv_cache {
+  kv_layout layout = kv_layout::contiguous;
+  dtype type = dtype::f32;
+  int32_t n_head_kv = 0;
+  int32_t head_dim = 0;
+  const void* k = nullptr;
+  const void* v = nullptr;
+  int64_t stride_token = 0;
+  int64_t stride_head = 0;
+  int64_t stride_page = 0;
+  // batch
+  int32_t n_seq = 0;
+  const int32_t* seq_len = nullptr;  // [n_seq], each >= 1
+  // contiguous: [n_seq] first token row of each sequence; nullptr means packed one after another
+  const int64_t* seq_start = nullptr;
+  int64_t n_rows = 0;  // contiguous: token rows the buffers hold (bounds check)
+  // paged
+  int32_t page_size = 0;
+  const int32_t* page_table = nullptr;  // page ids
+  const int64_t* page_start = nullptr;  // [n_seq] where each sequence's pages begin in page_table
+  int64_t n_pages = 0;                  // pages the pool holds (bounds check)
+};
+
+// Statistics of one (sequence, query head); SPEC section 5.
+struct head_stats {
+  int64_t n = 0;               // tokens in the cache
+  int64_t n_f = 0;             // |F|, the deterministic set
+  int64_t n_s = 0;             // |R|, the residual
+  int64_t m = 0;               // base sample size
+  int64_t b = 0;               // final sample size (tokens of R read); b = n_s means R was exact
+  double density = 0;          // tokens whose K/V rows were read for the output / n
+  double est_rel_error = 0;    // CLT half-width at the chosen b over the estimate (mode's target)
+  int64_t bytes_kv = 0;        // bytes of K and V read, predictor reads included
+  int32_t dense_fallback = 0;  // 1 when n was too short for sparsity and attention ran dense
+};
+
+struct run_args {
+  int32_t n_head_q = 0;      // query heads per sequence, a multiple of kv.n_head_kv
+  const float* q = nullptr;  // [n_seq, n_head_q, head_dim], packed
+  kv_cache kv;
+  float* out = nullptr;         // [n_seq, n_head_q, head_dim], packed; written in full
+  head_stats* stats = nullptr;  // optional [n_seq, n_head_q]
+  // optional [n_seq, n_head_q, n_tokens_max]: the tokens read for each head, F in ascending
+  // order and then the sample in draw order (stats.n_f + sampled count entries; rest untouched)
+  int32_t* indices = nullptr;
+  uint64_t step = 0;                // decode step, part of the sampling key
+  const int64_t* seq_id = nullptr;  // optional [n_seq] sampling-key ids (default: batch index)
+};
+
+// ---------------------------------------------------------------------------------------------
+// Plan once, run many: a plan validates the configuration and the problem size and reports the
+// workspace that run needs; run never allocates.
+struct plan_params {
+  int32_t n_seq_max = 1;
+  int32_t n_head_q = 0;
+  int32_t n_head_kv = 0;
+  int32_t head_dim = 0;
+  int64_t n_tokens_max = 0;  // longest sequence any run will see
+  dtype kv_type = dtype::f32;
+  int32_t n_threads = 0;  // 0: the hardware's thread count
+};
+
+class plan {
+ public:
+  plan(const config& cfg, const plan_params& params);  // throws vattn::error
+  size_t workspace_bytes() const { return ws_bytes_; }
+  const config& cfg() const { return cfg_; }
+  const plan_params& params() const { return params_; }
+  // workspace: at least workspace_bytes() bytes, 64-byte aligned. Throws vattn::error on
+  // arguments that disagree with the plan or on non-finite inputs met.
+  void run(const run_args& args, void* workspace, size_t workspace_size) const;
+
+ private:
+  config cfg_;
+  plan_params params_;
+  size_t ws_per_thread_ = 0;
+  size_t ws_bytes_ = 0;
+};
+
+// An owning, 64-byte-aligned byte buffer (for a plan's workspace). Move-only.
+class aligned_buffer {
+ public:
+  explicit aligned_buffer(size_t bytes = 0) { reserve(bytes); }
+  aligned_buffer(aligned_buffer&& o) noexcept : p_(o.p_), n_(o.n_) { o.p_ = nullptr, o.n_ = 0; }
+  aligned_buffer& operator=(aligned_buffer&& o) noexcept;
+  aligned_buffer(const aligned_buffer&) = delete;
+  aligned_buffer& operator=(const aligned_buffer&) = delete;
+  ~aligned_buffer();
+  void reserve(size_t bytes);  // grows (contents are not kept), never shrinks
+  void* data() const { return p_; }
+  size_t size() const { return n_; }
+
+ private:
+  void* p_ = nullptr;
+  size_t n_ = 0;
+};
+
+// One-shot convenience: plans for exactly these arguments, allocates the workspace, runs.
+void attention(const config& cfg, const run_args& args, int32_t n_threads = 0);
+
+// ---------------------------------------------------------------------------------------------
+// Build information.
+const char* version();
+const char* simd_level_name();  // the instruction set the CPU kernels use on this machine
+int32_t hardware_threads();
+
+}  // namespace vattn

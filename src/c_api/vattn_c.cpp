@@ -1,0 +1,158 @@
+// vattn_c.cpp: the C ABI (vattn.h) over the C++ API: exceptions become status codes and a
+// thread-local last-error message.
+#include <cstring>
+#include <new>
+#include <string>
+
+#include "vattn/vattn.h"
+#include "vattn/vattn.hpp"
+
+struct vattn_config {
+  vattn::config cfg;
+};
+struct vattn_plan {
+  vattn::plan p;
+};
+
+namespace {
+
+thread_local std::string g_last_error;
+
+template <typename F>
+vattn_status guarded(F&& f) {
+  try {
+    f();
+    g_last_error.clear();
+    return VATTN_OK;
+  } catch (const vattn::error& e) {
+    g_last_error = e.what();
+    return VATTN_ERR_INVALID_ARGUMENT;
+  } catch (const std::bad_alloc&) {
+    g_last_error = "out of memory";
+    return VATTN_ERR_OUT_OF_MEMORY;
+  } catch (const std::exception& e) {
+    g_last_error = e.what();
+    return VATTN_ERR_INTERNAL;
+  } catch (...) {
+    g_last_error = "unknown internal error";
+    return VATTN_ERR_INTERNAL;
+  }
+}
+
+void require(const void* p, const char* name) {
+  if (!p) throw vattn::error(std::string(name) + " is null");
+}
+
+vattn::kv_cache to_cpp(const vattn_kv_cache& c) {
+  vattn::kv_cache kv;
+  kv.layout = vattn::kv_layout(c.layout);
+  kv.type = vattn::dtype(c.type);
+  kv.n_head_kv = c.n_head_kv;
+  kv.head_dim = c.head_dim;
+  kv.k = c.k;
+  kv.v = c.v;
+  kv.stride_token = c.stride_token;
+  kv.stride_head = c.stride_head;
+  kv.stride_page = c.stride_page;
+  kv.n_seq = c.n_seq;
+  kv.seq_len = c.seq_len;
+  kv.seq_start = c.seq_start;
+  kv.n_rows = c.n_rows;
+  kv.page_size = c.page_size;
+  kv.page_table = c.page_table;
+  kv.page_start = c.page_start;
+  kv.n_pages = c.n_pages;
+  return kv;
+}
+
+// The C and C++ stats records are converted in place after the run.
+static_assert(sizeof(vattn_head_stats) == sizeof(vattn::head_stats));
+
+}  // namespace
+
+extern "C" {
+
+const char* vattn_last_error(void) {
+  return g_last_error.c_str();
+}
+const char* vattn_version(void) {
+  return vattn::version();
+}
+
+vattn_status vattn_config_parse(const char* text, vattn_config** out) {
+  return guarded([&] {
+    require(text, "text");
+    require(out, "out");
+    *out = nullptr;
+    vattn::config c = vattn::parse_config(text);
+    c.validate();
+    *out = new vattn_config{c};
+  });
+}
+
+void vattn_config_free(vattn_config* cfg) {
+  delete cfg;
+}
+
+vattn_status vattn_config_to_string(const vattn_config* cfg, char* buf, size_t buf_size,
+                                    size_t* needed) {
+  return guarded([&] {
+    require(cfg, "cfg");
+    if (buf_size > 0) require(buf, "buf");
+    const std::string s = cfg->cfg.to_string();
+    if (needed) *needed = s.size() + 1;
+    if (buf_size > 0) {
+      const size_t n = std::min(s.size(), buf_size - 1);
+      std::memcpy(buf, s.data(), n);
+      buf[n] = '\0';
+    }
+  });
+}
+
+vattn_status vattn_plan_create(const vattn_config* cfg, const vattn_plan_params* params,
+                               vattn_plan** out) {
+  return guarded([&] {
+    require(cfg, "cfg");
+    require(params, "params");
+    require(out, "out");
+    *out = nullptr;
+    vattn::plan_params p;
+    p.n_seq_max = params->n_seq_max;
+    p.n_head_q = params->n_head_q;
+    p.n_head_kv = params->n_head_kv;
+    p.head_dim = params->head_dim;
+    p.n_tokens_max = params->n_tokens_max;
+    p.kv_type = vattn::dtype(params->kv_type);
+    p.n_threads = params->n_threads;
+    *out = new vattn_plan{vattn::plan(cfg->cfg, p)};
+  });
+}
+
+void vattn_plan_free(vattn_plan* plan) {
+  delete plan;
+}
+
+size_t vattn_plan_workspace_bytes(const vattn_plan* plan) {
+  return plan ? plan->p.workspace_bytes() : 0;
+}
+
+vattn_status vattn_plan_run(const vattn_plan* plan, const vattn_run_args* args, void* workspace,
+                            size_t workspace_bytes) {
+  return guarded([&] {
+    require(plan, "plan");
+    require(args, "args");
+    vattn::run_args a;
+    a.n_head_q = args->n_head_q;
+    a.q = args->q;
+    a.kv = to_cpp(args->kv);
+    a.out = args->out;
+    a.indices = args->indices;
+    a.step = args->step;
+    a.seq_id = args->seq_id;
+    // Layouts agree field for field (checked by the static_assert and the C API test).
+    a.stats = reinterpret_cast<vattn::head_stats*>(args->stats);
+    plan->p.run(a, workspace, workspace_bytes);
+  });
+}
+
+}  // extern "C"

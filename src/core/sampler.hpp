@@ -1,0 +1,85 @@
+// sampler.hpp: counter-based sampling that CPU and GPU compute identically: a keyed pseudo-random
+// permutation of [0, n) (its prefixes are nested uniform samples without replacement) and keyed
+// uniform draws with replacement (hub compatibility). Pure integer arithmetic, no state.
+#pragma once
+
+#include <cstdint>
+
+#if defined(__CUDACC__)
+#define VATTN_HD __host__ __device__ __forceinline__
+#else
+#define VATTN_HD inline
+#endif
+
+namespace vattn::detail {
+
+// splitmix64's finaliser: a bijective 64-bit mixer with full avalanche.
+VATTN_HD uint64_t mix64(uint64_t z) {
+  z += 0x9e3779b97f4a7c15ull;
+  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+  z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+  return z ^ (z >> 31);
+}
+
+// The sampling key of one (seed, layer, sequence, head, step): each field is absorbed by a
+// full mix so nearby tuples give unrelated keys.
+VATTN_HD uint64_t sample_key(uint64_t seed, int32_t layer, int64_t seq, int32_t head,
+                             uint64_t step) {
+  uint64_t h = mix64(seed ^ 0x76617474656e0001ull);
+  h = mix64(h ^ uint64_t(uint32_t(layer)));
+  h = mix64(h ^ uint64_t(seq));
+  h = mix64(h ^ uint64_t(uint32_t(head)));
+  return mix64(h ^ step);
+}
+
+// A keyed bijection of [0, n): a balanced Feistel network over 2*half_bits bits (the smallest
+// even width covering n) with cycle walking back into [0, n). The domain is < 4n, so a walk
+// takes fewer than 4 rounds of the network on average.
+class keyed_permutation {
+ public:
+  static constexpr int k_rounds = 8;
+
+  VATTN_HD keyed_permutation(uint64_t key, uint64_t n) : n_(n) {
+    uint32_t bits = 0;
+    while (bits < 64 && (uint64_t(1) << bits) < n) ++bits;
+    half_ = bits < 2 ? 1 : (bits + 1) / 2;
+    mask_ = (uint64_t(1) << half_) - 1;
+    for (int r = 0; r < k_rounds; ++r) keys_[r] = mix64(key + 0x632be59bd9b4e019ull * (r + 1));
+  }
+
+  // The element at position i of the permutation (i < n).
+  VATTN_HD uint64_t operator()(uint64_t i) const {
+    uint64_t x = i;
+    do x = encrypt(x);
+    while (x >= n_);
+    return x;
+  }
+
+  VATTN_HD uint64_t size() const { return n_; }
+
+ private:
+  VATTN_HD uint64_t encrypt(uint64_t x) const {
+    uint64_t l = x >> half_, r = x & mask_;
+    for (int k = 0; k < k_rounds; ++k) {
+      uint64_t f = mix64(r ^ keys_[k]) & mask_;
+      uint64_t t = l ^ f;
+      l = r;
+      r = t;
+    }
+    return (l << half_) | r;
+  }
+
+  uint64_t n_;
+  uint32_t half_;
+  uint64_t mask_;
+  uint64_t keys_[k_rounds];
+};
+
+// Draw number `counter` of a uniform stream over [0, n) keyed by `key` (with replacement).
+// Multiply-shift maps 64 random bits to [0, n) with a bias below n / 2^64.
+VATTN_HD uint64_t uniform_draw(uint64_t key, uint64_t counter, uint64_t n) {
+  uint64_t r = mix64(key ^ mix64(counter + 0x5851f42d4c957f2dull));
+  return uint64_t((static_cast<unsigned __int128>(r) * n) >> 64);
+}
+
+}  // namespace vattn::detail
