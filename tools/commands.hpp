@@ -1,0 +1,11 @@
+// commands.hpp: the subcommands of `vattn`; each registers itself on the app.
+#pragma once
+
+#include <CLI/CLI.hpp>
+
+namespace vattn::cli {
+
+void add_demo(CLI::App& app, bool& json);
+void add_check(CLI::App& app, bool& json);
+
+}  // namespace vattn::cli

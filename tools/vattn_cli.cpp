@@ -1,0 +1,88 @@
+// vattn_cli.cpp: the `vattn` command line: demo, check, info.
+#include <CLI/CLI.hpp>
+#include <cstdio>
+#include <iostream>
+#include <nlohmann/json.hpp>
+
+#include "commands.hpp"
+#include "vattn/vattn.hpp"
+
+namespace {
+
+nlohmann::json cpu_features() {
+  nlohmann::json f = nlohmann::json::object();
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_cpu_init();
+  f["sse4.2"] = bool(__builtin_cpu_supports("sse4.2"));
+  f["avx"] = bool(__builtin_cpu_supports("avx"));
+  f["avx2"] = bool(__builtin_cpu_supports("avx2"));
+  f["fma"] = bool(__builtin_cpu_supports("fma"));
+  f["f16c"] = bool(__builtin_cpu_supports("f16c"));
+  f["avx512f"] = bool(__builtin_cpu_supports("avx512f"));
+#endif
+  return f;
+}
+
+void info(bool json) {
+  nlohmann::json j = {
+    {"version", vattn::version()},
+    {"kernels", vattn::simd_level_name()},
+    {"cpu_features", cpu_features()},
+    {"hardware_threads", vattn::hardware_threads()},
+#ifdef _OPENMP
+    {"openmp", true},
+#else
+    {"openmp", false},
+#endif
+#if defined(__clang__)
+    {"compiler", std::string("clang ") + __clang_version__},
+#elif defined(__GNUC__)
+    {"compiler", std::string("gcc ") + __VERSION__},
+#endif
+    {"cuda", false},
+    {"kv_dtypes", {"f32", "f16", "bf16"}},
+    {"layouts", {"contiguous", "paged"}},
+  };
+  if (json) {
+    std::cout << j.dump(2) << "\n";
+    return;
+  }
+  std::printf("vattn %s\n", vattn::version());
+  std::printf("cpu kernels:      %s\n", vattn::simd_level_name());
+  std::printf("cpu features:    ");
+  for (auto& [k, v] : j["cpu_features"].items())
+    if (v.get<bool>()) std::printf(" %s", k.c_str());
+  std::printf("\nhardware threads: %d\n", vattn::hardware_threads());
+  std::printf("openmp:           %s\n", j["openmp"].get<bool>() ? "yes" : "no");
+  std::printf("compiler:         %s\n", j.value("compiler", "?").c_str());
+  std::printf("cuda backend:     not built\n");
+  std::printf("kv dtypes:        f32 f16 bf16; layouts: contiguous, paged\n");
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  CLI::App app{"vattn: verified sparse attention for LLM decoding"};
+  app.require_subcommand(1);
+  bool json = false;
+  app.add_flag("--json", json, "machine-readable output")->configurable();
+  vattn::cli::add_demo(app, json);
+  vattn::cli::add_check(app, json);
+  CLI::App* inf = app.add_subcommand("info", "Version, build options and detected CPU features");
+  inf->callback([&json] { info(json); });
+  // --json is accepted after the subcommand too.
+  for (CLI::App* sub : app.get_subcommands({}))
+    sub->add_flag("--json", json, "machine-readable output");
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    return app.exit(e);
+  } catch (const vattn::error& e) {
+    std::fprintf(stderr, "vattn: error: %s\n", e.what());
+    return 2;
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "vattn: internal error: %s\n", e.what());
+    return 3;
+  }
+  return 0;
+}
