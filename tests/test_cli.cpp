@@ -1,0 +1,143 @@
+// test_cli.cpp: the `vattn` command line end to end: info, demo, check, and its error messages.
+#include <gtest/gtest.h>
+
+#include <cstdio>
+#include <filesystem>
+#include <nlohmann/json.hpp>
+#include <string>
+#include <vector>
+
+#include "core/dtype.hpp"
+#include "vattn/safetensors.hpp"
+#include "vattn/synth.hpp"
+
+namespace {
+
+struct result {
+  int code;
+  std::string out;
+};
+
+result run(const std::string& args) {
+  const std::string cmd = std::string(VATTN_CLI) + " " + args + " 2>&1";
+  FILE* p = popen(cmd.c_str(), "r");
+  std::string out;
+  char buf[4096];
+  size_t n;
+  while ((n = fread(buf, 1, sizeof buf, p)) > 0) out.append(buf, n);
+  const int status = pclose(p);
+  return {WIFEXITED(status) ? WEXITSTATUS(status) : -1, out};
+}
+
+std::string temp_path(const std::string& name) {
+  return (std::filesystem::temp_directory_path() /
+          ("vattn_test_" + std::to_string(getpid()) + "_" + name))
+      .string();
+}
+
+// q [n_q, n_head_q, d], k and v [n, n_head_kv, d] in bf16 from a synthetic problem.
+std::string write_input(int n_q) {
+  vattn::synth::problem p =
+      vattn::synth::generate(vattn::synth::family::power_law, {700, 4, 2, 32}, 5);
+  std::vector<uint16_t> k(p.k.size()), v(p.v.size());
+  for (size_t i = 0; i < k.size(); ++i) k[i] = vattn::detail::f32_to_bf16(p.k[i]);
+  for (size_t i = 0; i < v.size(); ++i) v[i] = vattn::detail::f32_to_bf16(p.v[i]);
+  std::vector<float> q;
+  for (int i = 0; i < n_q; ++i) q.insert(q.end(), p.q.begin(), p.q.end());
+  const std::string path = temp_path("in" + std::to_string(n_q) + ".safetensors");
+  vattn::io::save(path, {{"q", "F32", {n_q, 4, 32}, q.data(), q.size() * 4},
+                         {"k", "BF16", {700, 2, 32}, k.data(), k.size() * 2},
+                         {"v", "BF16", {700, 2, 32}, v.data(), v.size() * 2}});
+  return path;
+}
+
+}  // namespace
+
+TEST(Cli, Info) {
+  result r = run("info");
+  EXPECT_EQ(r.code, 0) << r.out;
+  EXPECT_NE(r.out.find("vattn "), std::string::npos);
+  r = run("info --json");
+  ASSERT_EQ(r.code, 0) << r.out;
+  auto j = nlohmann::json::parse(r.out);
+  EXPECT_TRUE(j.contains("version"));
+  EXPECT_TRUE(j.contains("cpu_features"));
+}
+
+TEST(Cli, DemoSmallJson) {
+  result r = run("demo --tokens 600 --seeds 2 --json");
+  ASSERT_EQ(r.code, 0) << r.out;
+  auto j = nlohmann::json::parse(r.out);
+  ASSERT_EQ(j["rows"].size(), 6u * 10u);  // families x methods
+  for (const auto& row : j["rows"]) {
+    EXPECT_EQ(row["cases"].get<int>(), 16);
+    EXPECT_GT(row["density_mean"].get<double>(), 0.0);
+    EXPECT_LE(row["density_mean"].get<double>(), 1.0);
+    if (row["method"] == "dense") {
+      EXPECT_LT(row["err_output_max"].get<double>(), 1e-12);
+    }
+  }
+}
+
+TEST(Cli, DemoTable) {
+  result r = run("demo --tokens 400 --seeds 1");
+  ASSERT_EQ(r.code, 0) << r.out;
+  EXPECT_NE(r.out.find("vAttn output"), std::string::npos);
+  EXPECT_NE(r.out.find("heavy_hitters"), std::string::npos);
+}
+
+TEST(Cli, CheckJsonAndTable) {
+  const std::string in = write_input(3);
+  result r = run("check --input " + in +
+                 " --method vattention --sink 16 --local 16 --topk 0.05 --eps 0.1 --delta 0.1 "
+                 "--mode output --trials 3 --json");
+  ASSERT_EQ(r.code, 0) << r.out;
+  auto j = nlohmann::json::parse(r.out);
+  EXPECT_EQ(j["n_q"].get<int>(), 3);
+  EXPECT_EQ(j["heads"].size(), 4u);
+  EXPECT_EQ(j["all"]["cases"].get<int>(), 3 * 3 * 4);
+  EXPECT_EQ(j["target"], "O");
+  EXPECT_LT(j["cpu_vs_reference_max_nmse"].get<double>(), 1e-9);
+  r = run("check --input " + in + " --method topk --sink 8 --local 8 --topk 32 --trials 1");
+  ASSERT_EQ(r.code, 0) << r.out;
+  EXPECT_NE(r.out.find("all"), std::string::npos);
+  std::filesystem::remove(in);
+}
+
+TEST(Cli, CheckRejectsBadInput) {
+  result r = run("check --input /nonexistent/x.safetensors");
+  EXPECT_NE(r.code, 0);
+  EXPECT_NE(r.out.find("x.safetensors"), std::string::npos) << r.out;
+
+  const std::string garbage = temp_path("garbage.safetensors");
+  FILE* f = std::fopen(garbage.c_str(), "wb");
+  std::fputs("\x10\x00\x00\x00\x00\x00\x00\x00{not json}......", f);
+  std::fclose(f);
+  r = run("check --input " + garbage);
+  EXPECT_EQ(r.code, 2) << r.out;
+  EXPECT_NE(r.out.find("safetensors"), std::string::npos) << r.out;
+  std::filesystem::remove(garbage);
+
+  const std::string in = write_input(1);
+  r = run("check --input " + in + " --eps 1.5");
+  EXPECT_EQ(r.code, 2);
+  EXPECT_NE(r.out.find("eps"), std::string::npos) << r.out;
+  r = run("check --input " + in + " --mode sideways");
+  EXPECT_EQ(r.code, 2);
+  EXPECT_NE(r.out.find("mode"), std::string::npos) << r.out;
+  r = run("check --input " + in + " --method nope");
+  EXPECT_EQ(r.code, 2);
+  EXPECT_NE(r.out.find("method"), std::string::npos) << r.out;
+  std::filesystem::remove(in);
+
+  // k present with the wrong rank
+  const std::string wrong = temp_path("wrong.safetensors");
+  std::vector<float> x(64, 0.5f);
+  vattn::io::save(wrong, {{"q", "F32", {2, 8}, x.data(), 64},
+                          {"k", "F32", {16}, x.data(), 64},
+                          {"v", "F32", {16}, x.data(), 64}});
+  r = run("check --input " + wrong);
+  EXPECT_EQ(r.code, 2);
+  EXPECT_NE(r.out.find("k has shape [16]"), std::string::npos) << r.out;
+  std::filesystem::remove(wrong);
+}

@@ -1,0 +1,250 @@
+// test_core.cpp: the building blocks: normal quantile, keyed permutation, budgets, config.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <set>
+#include <vector>
+
+#include "core/budget.hpp"
+#include "core/sampler.hpp"
+#include "vattn/vattn.hpp"
+
+using namespace vattn;
+using namespace vattn::detail;
+
+TEST(NormalQuantile, KnownValues) {
+  // Values of Phi^-1 to 16 digits.
+  EXPECT_NEAR(normal_quantile(0.5), 0.0, 1e-15);
+  EXPECT_NEAR(normal_quantile(0.975), 1.959963984540054, 1e-13);
+  EXPECT_NEAR(normal_quantile(0.95), 1.6448536269514722, 1e-13);
+  EXPECT_NEAR(normal_quantile(0.995), 2.5758293035489004, 1e-13);
+  EXPECT_NEAR(normal_quantile(0.9875), 2.241402727604947, 1e-12);
+  EXPECT_NEAR(normal_quantile(0.02), -2.053748910631823, 1e-12);
+  EXPECT_NEAR(normal_quantile(1e-10), -6.361340902404056, 1e-10);
+  EXPECT_NEAR(normal_quantile(1 - 1e-10), 6.361340889697422, 1e-6);  // 1 - 1e-10 is inexact
+  for (double p : {1e-8, 0.01, 0.3, 0.7, 0.99, 0.999999})
+    EXPECT_NEAR(normal_quantile(p), -normal_quantile(1 - p),
+                1e-7 * (1 + std::abs(normal_quantile(p))));
+  // Round trip through Phi.
+  for (double p = 0.001; p < 1; p += 0.0137) {
+    const double x = normal_quantile(p);
+    EXPECT_NEAR(0.5 * std::erfc(-x / std::sqrt(2.0)), p, 1e-14);
+  }
+  EXPECT_THROW(normal_quantile(0), error);
+  EXPECT_THROW(normal_quantile(1), error);
+  EXPECT_THROW(normal_quantile(std::nan("")), error);
+}
+
+TEST(Permutation, IsABijectionForAwkwardSizes) {
+  for (uint64_t n : {1, 2, 3, 4, 5, 7, 9, 16, 17, 33, 100, 129, 257, 1000, 4096, 4097, 65537}) {
+    for (uint64_t key : {0ull, 1ull, 0xdeadbeefull}) {
+      keyed_permutation p(key, n);
+      std::vector<char> seen(n, 0);
+      for (uint64_t i = 0; i < n; ++i) {
+        const uint64_t x = p(i);
+        ASSERT_LT(x, n);
+        ASSERT_FALSE(seen[x]) << "repeat at n=" << n << " i=" << i;
+        seen[x] = 1;
+      }
+    }
+  }
+}
+
+TEST(Permutation, KeysGiveDifferentOrders) {
+  keyed_permutation a(1, 1000), b(2, 1000);
+  int same = 0;
+  for (uint64_t i = 0; i < 1000; ++i) same += a(i) == b(i);
+  EXPECT_LT(same, 10);
+  EXPECT_NE(sample_key(0, 0, 0, 0, 0), sample_key(0, 0, 0, 0, 1));
+  EXPECT_NE(sample_key(0, 0, 0, 1, 0), sample_key(0, 0, 1, 0, 0));
+  EXPECT_NE(sample_key(1, 0, 0, 0, 0), sample_key(0, 1, 0, 0, 0));
+}
+
+// Chi-square of inclusion counts of a prefix of size b over many keys: under uniform sampling
+// without replacement every element is included with probability b/n. With n - 1 = 49 degrees
+// of freedom the 0.9999 quantile is about 94.5.
+TEST(Permutation, PrefixInclusionIsUniform) {
+  for (uint64_t n : {50ull, 37ull}) {
+    const uint64_t b = 10, keys = 20000;
+    std::vector<double> count(n, 0), first(n, 0);
+    for (uint64_t key = 0; key < keys; ++key) {
+      keyed_permutation p(sample_key(7, 0, 0, 0, key), n);
+      for (uint64_t i = 0; i < b; ++i) count[p(i)] += 1;
+      first[p(0)] += 1;
+    }
+    auto chi2 = [&](const std::vector<double>& c, double expected) {
+      double x = 0;
+      for (double v : c) x += (v - expected) * (v - expected) / expected;
+      return x;
+    };
+    // Inclusion counts of a without-replacement sample have variance E (1 - b/n) (n-1)/n ... the
+    // plain statistic is conservative (smaller) for them.
+    const double limit = n == 50 ? 94.5 : 75.0;  // df 49 / 36 at 0.9999
+    EXPECT_LT(chi2(count, double(keys * b) / double(n)), limit) << "n=" << n;
+    EXPECT_LT(chi2(first, double(keys) / double(n)), limit) << "n=" << n;
+  }
+}
+
+// Pairs: P(i and j both in a prefix of size b) = b(b-1)/(n(n-1)) for every pair.
+TEST(Permutation, PairInclusionIsUniform) {
+  const uint64_t n = 12, b = 4, keys = 40000;
+  std::vector<double> pair(n * n, 0);
+  for (uint64_t key = 0; key < keys; ++key) {
+    keyed_permutation p(sample_key(3, 1, 2, 3, key), n);
+    std::vector<uint64_t> s;
+    for (uint64_t i = 0; i < b; ++i) s.push_back(p(i));
+    for (uint64_t x : s)
+      for (uint64_t y : s)
+        if (x < y) pair[x * n + y] += 1;
+  }
+  const double expected = double(keys) * double(b * (b - 1)) / double(n * (n - 1));
+  double chi = 0;
+  int cells = 0;
+  for (uint64_t x = 0; x < n; ++x)
+    for (uint64_t y = x + 1; y < n; ++y, ++cells)
+      chi += (pair[x * n + y] - expected) * (pair[x * n + y] - expected) / expected;
+  EXPECT_LT(chi, 125.0) << "65 df, 0.9999 quantile ~ 115";
+  EXPECT_EQ(cells, 66);
+}
+
+TEST(UniformDraw, InRangeAndUniform) {
+  const uint64_t n = 40, draws = 80000;
+  std::vector<double> c(n, 0);
+  for (uint64_t j = 0; j < draws; ++j) {
+    uint64_t x = uniform_draw(99, j, n);
+    ASSERT_LT(x, n);
+    c[x] += 1;
+  }
+  double chi = 0, e = double(draws) / n;
+  for (double v : c) chi += (v - e) * (v - e) / e;
+  EXPECT_LT(chi, 80.0);  // 39 df, 0.9999 quantile ~ 77
+}
+
+TEST(Budget, DenominatorHandComputed) {
+  base_moments mm;
+  mm.n_s = 1000;
+  mm.m = 50;
+  mm.d_hat = 10;
+  mm.var_e = 1e-4;  // sd 0.01
+  // b0 = (1.959964 * 1000 * 0.01 / (0.05 * 10))^2 = 1536.58; b = ceil(b0 * 1000 / (b0 + 1000))
+  budget b = compute_budget(budget_mode::denominator, 0.05, 0.05, mm);
+  const double z = 1.959963984540054, b0 = std::pow(z * 1000 * 0.01 / 0.5, 2);
+  EXPECT_NEAR(b.b0, b0, 1e-9);
+  EXPECT_EQ(b.b, int64_t(std::ceil(b0 * 1000 / (b0 + 1000))));
+  EXPECT_EQ(b.b, 606);
+  // At b the half-width z n_s sd sqrt(1/b - 1/n_s) / D is just under eps.
+  EXPECT_LE(b.est_rel_error, 0.05);
+  EXPECT_GT(b.est_rel_error, 0.0499);
+}
+
+TEST(Budget, ClampsAndFpc) {
+  EXPECT_EQ(fpc_budget(0, 1000, 20), 20);
+  EXPECT_EQ(fpc_budget(INFINITY, 1000, 20), 1000);
+  EXPECT_EQ(fpc_budget(NAN, 1000, 20), 1000);
+  EXPECT_EQ(fpc_budget(1e12, 1000, 20), 1000);
+  EXPECT_EQ(fpc_budget(100, 100, 2), 50);  // b0 n/(b0+n) = 50
+  // Zero variance: the base sample suffices.
+  base_moments mm{1000, 50, 10, 0, 0, 1, 0, 1};
+  EXPECT_EQ(compute_budget(budget_mode::denominator, 0.05, 0.05, mm).b, 50);
+}
+
+TEST(Budget, NumeratorUsesDebiasedNorm) {
+  base_moments mm{1000, 50, 10, 1e-4, 4e-4, 4.0, 0, 0};
+  const double z = 1.959963984540054;
+  const double noise = 1000.0 * 1000.0 * (1.0 / 50 - 1.0 / 1000) * 4e-4;  // 7.6
+  // plug-in ||N||^2 = 4 < noise: floored at 1% of 4
+  const double n2 = std::max(4.0 - noise, 0.01 * 4.0);
+  const double b0 = std::pow(z * 1000 * std::sqrt(4e-4) / (0.05 * std::sqrt(n2)), 2);
+  EXPECT_NEAR(compute_budget(budget_mode::numerator, 0.05, 0.05, mm).b0, b0, 1e-6 * b0);
+}
+
+TEST(Budget, OutputAndCombined) {
+  base_moments mm{10000, 500, 50, 1e-3, 2e-3, 2500 * 0.8, 1e-3, 0.8};
+  const double z = 1.959963984540054;
+  const double noise = 1e4 * 1e4 * (1.0 / 500 - 1e-4) * 1e-3 / (50.0 * 50.0);
+  const double o2 = std::max(0.8 - noise, 0.008);
+  const double b0 = std::pow(z * 1e4 * std::sqrt(1e-3) / (0.05 * 50 * std::sqrt(o2)), 2);
+  EXPECT_NEAR(compute_budget(budget_mode::output, 0.05, 0.05, mm).b0, b0, 1e-6 * b0);
+  // combined: eps' = eps / (2 + eps), z' = Phi^-1(1 - delta/4), max of D and N budgets
+  const double e2 = 0.05 / 2.05, z2 = normal_quantile(1 - 0.0125);
+  const double bd = std::pow(z2 * 1e4 * std::sqrt(1e-3) / (e2 * 50), 2);
+  const double nn = std::max(2000.0 - 1e8 * (1.0 / 500 - 1e-4) * 2e-3, 20.0);
+  const double bn = std::pow(z2 * 1e4 * std::sqrt(2e-3) / (e2 * std::sqrt(nn)), 2);
+  budget c = compute_budget(budget_mode::combined, 0.05, 0.05, mm);
+  EXPECT_NEAR(c.b0, std::max(bd, bn), 1e-6 * std::max(bd, bn));
+}
+
+TEST(Budget, HubRule) {
+  // b = (z sd n_s / max(eps D, 1e-8))^2 clamped to [1, n_s], truncated, clamped to [m, n_s].
+  EXPECT_EQ(hub_budget(1.6448536269514722, 0.001, 10, 0.05, 10000, 5),
+            int64_t(std::pow(1.6448536269514722 * 0.001 * 10000 / 0.5, 2)));
+  EXPECT_EQ(hub_budget(1.64, 0.0, 10, 0.05, 1000, 5), 5);
+  EXPECT_EQ(hub_budget(1.64, 1.0, 0.0, 0.05, 1000, 5), 1000);
+}
+
+TEST(Stages, SizesAndDenseFallback) {
+  config c = method_config("vattention");
+  stage_sizes s = resolve_stages(c, 10000);
+  EXPECT_EQ(s.n_sink, 128);
+  EXPECT_EQ(s.n_local, 128);
+  EXPECT_EQ(s.k, 500);
+  EXPECT_FALSE(s.dense);
+  EXPECT_TRUE(resolve_stages(c, 256).dense);  // n <= sink + local
+  EXPECT_TRUE(resolve_stages(c, 257).dense);  // residual of 1 token
+  EXPECT_FALSE(resolve_stages(c, 300).dense);
+  EXPECT_EQ(floor_fraction(0.29, 100), 29);
+  EXPECT_EQ(ceil_fraction(0.05, 2000), 100);
+  EXPECT_EQ(base_sample_size(c, 2000), 100);
+  EXPECT_EQ(base_sample_size(c, 3), 2);
+  EXPECT_EQ(base_sample_size(c, 2), 2);
+}
+
+TEST(Config, PresetsValidate) {
+  for (const char* m : {"dense", "sink_local", "topk", "topp", "random", "vattention", "hub"})
+    EXPECT_NO_THROW(method_config(m).validate()) << m;
+  EXPECT_THROW(method_config("nope"), error);
+}
+
+TEST(Config, ParseAndRoundTrip) {
+  config c = parse_config("method=vattention,eps=0.1,delta=0.02,sink=64,local=5%,mode=output");
+  EXPECT_EQ(c.sink.value, 64);
+  EXPECT_FALSE(c.sink.fraction);
+  EXPECT_TRUE(c.local.fraction);
+  EXPECT_DOUBLE_EQ(c.local.value, 0.05);
+  EXPECT_EQ(c.mode, budget_mode::output);
+  EXPECT_DOUBLE_EQ(c.eps, 0.1);
+  config d = parse_config(c.to_string());
+  EXPECT_EQ(d.to_string(), c.to_string());
+  EXPECT_EQ(parse_config("method=dense").to_string(), parse_config("dense=1").to_string());
+}
+
+// Each rejection names the offending key.
+TEST(Config, RejectsWithNamedArgument) {
+  auto msg = [](const char* text) {
+    try {
+      parse_config(text).validate();
+    } catch (const error& e) {
+      return std::string(e.what());
+    }
+    return std::string("no error");
+  };
+  EXPECT_NE(msg("method=vattention,eps=0").find("eps"), std::string::npos);
+  EXPECT_NE(msg("method=vattention,eps=1.5").find("eps"), std::string::npos);
+  EXPECT_NE(msg("method=vattention,delta=1").find("delta"), std::string::npos);
+  EXPECT_NE(msg("method=vattention,delta=-0.1").find("delta"), std::string::npos);
+  EXPECT_NE(msg("method=vattention,eps=nan").find("eps"), std::string::npos);
+  EXPECT_NE(msg("method=topk,topk=1.5").find("topk"), std::string::npos);
+  EXPECT_NE(msg("method=topk,sink=-3").find("sink"), std::string::npos);
+  EXPECT_NE(msg("method=topk,sink=2.5x").find("sink"), std::string::npos);
+  EXPECT_NE(msg("method=topp,top_p=0").find("top_p"), std::string::npos);
+  EXPECT_NE(msg("method=dense,sink=3").find("dense"), std::string::npos);
+  EXPECT_NE(msg("method=vattention,hub=1,mode=output").find("hub"), std::string::npos);
+  EXPECT_NE(msg("method=random,sample_rate=2").find("sample_rate"), std::string::npos);
+  EXPECT_NE(msg("method=vattention,base=1").find("base"), std::string::npos);
+  EXPECT_NE(msg("eps=0.1,method=dense").find("method"), std::string::npos);
+  EXPECT_NE(msg("method=vattention,colour=red").find("colour"), std::string::npos);
+  EXPECT_NE(msg("method=vattention,eps").find("key=value"), std::string::npos);
+  EXPECT_NE(msg("sample=none").find("selects no token"), std::string::npos);
+  EXPECT_NE(msg("method=hub,gqa_shared=1").find("gqa_shared"), std::string::npos);
+  EXPECT_NE(msg("method=vattention,predictor=quest").find("predictor"), std::string::npos);
+}
