@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <iterator>
 #include <memory>
 #include <set>
 #include <string>
@@ -36,7 +37,21 @@ void run_cpu(const config& cfg, batch& b, run_args& a, int32_t threads) {
   p.run(a, ws.data(), ws.size());
 }
 
+// Whether the F sets differ only by tokens whose reference logits are tied to within float
+// rounding: the f32 fast path may then rank the k-th place the other way (legitimately).
+bool near_tie(const reference::head_result& r, const int32_t* idx, int64_t n_f) {
+  std::set<int32_t> ref(r.f.begin(), r.f.end()), cpu(idx, idx + n_f), diff;
+  std::set_symmetric_difference(ref.begin(), ref.end(), cpu.begin(), cpu.end(),
+                                std::inserter(diff, diff.begin()));
+  if (diff.empty()) return false;
+  double lo = 1e300, hi = -1e300;
+  for (int32_t t : diff) lo = std::min(lo, r.logits[t]), hi = std::max(hi, r.logits[t]);
+  return hi - lo <= 1e-5 * (1 + std::abs(hi));
+}
+
 // Compares every head: index sets exactly, counts exactly, outputs by NMSE, guards untouched.
+// Heads whose F differs by a float-rounding tie at the top-k boundary are counted and skipped;
+// they must stay rare.
 void expect_matches_reference(const config& cfg, batch& b, const std::string& what,
                               int32_t threads = 2) {
   run_args a = b.args(3);
@@ -44,12 +59,19 @@ void expect_matches_reference(const config& cfg, batch& b, const std::string& wh
   const std::vector<reference::head_result> ref = reference::run(cfg, a);
   ASSERT_TRUE(b.guards_intact()) << what;
   const int64_t n_max = b.n_max();
+  size_t ties = 0;
   for (size_t i = 0; i < ref.size(); ++i) {
     const reference::head_result& r = ref[i];
     const head_stats& st = b.stats[i];
     SCOPED_TRACE(what + " head " + std::to_string(i));
+    const int32_t* idx = b.indices.data() + i * n_max;
     ASSERT_EQ(st.n_f, int64_t(r.f.size()));
-    ASSERT_EQ(st.b == 0 ? 0 : int64_t(r.sample.size()), int64_t(r.sample.size()));
+    if (!std::equal(r.f.begin(), r.f.end(), idx) && near_tie(r, idx, st.n_f)) {
+      ++ties;
+      continue;
+    }
+    ASSERT_EQ(st.n_sampled, int64_t(r.sample.size()));
+    if (!cfg.hub) EXPECT_EQ(st.b, st.n_sampled);
     EXPECT_EQ(st.n, r.stats.n);
     EXPECT_EQ(st.n_s, r.stats.n_s);
     EXPECT_EQ(st.m, r.stats.m);
@@ -61,14 +83,16 @@ void expect_matches_reference(const config& cfg, batch& b, const std::string& wh
       EXPECT_EQ(st.est_rel_error, r.stats.est_rel_error);
     else
       EXPECT_NEAR(st.est_rel_error, r.stats.est_rel_error, 1e-6 * (1 + r.stats.est_rel_error));
-    const int32_t* idx = b.indices.data() + i * n_max;
     for (size_t j = 0; j < r.f.size(); ++j) ASSERT_EQ(idx[j], r.f[j]) << "F position " << j;
     for (size_t j = 0; j < r.sample.size(); ++j)
       ASSERT_EQ(idx[r.f.size() + j], r.sample[j]) << "sample position " << j;
+    const size_t used = r.f.size() + r.sample.size();
+    if (int64_t(used) < n_max) EXPECT_EQ(idx[used], -7) << "indices written past n_f + n_sampled";
     const float* o = b.out.data() + i * b.d;
     for (int32_t j = 0; j < b.d; ++j) ASSERT_TRUE(std::isfinite(o[j]));
     EXPECT_LT(test::nmse(o, r.out.data(), b.d), 1e-9);
   }
+  EXPECT_LE(ties * 100, ref.size()) << what << ": " << ties << " near-tie heads";
 }
 
 const char* k_methods[] = {"dense", "sink_local", "topk", "topp", "random", "vattention", "hub"};
@@ -189,12 +213,12 @@ TEST(Exactness, FullBudgetEqualsDense) {
   }
 }
 
-// D^ and N^ are unbiased for a fixed b: their means over many seeds approach D and N.
-TEST(Estimators, Unbiased) {
+// D^ and N^ are unbiased for a fixed b: their means over many seeds approach D and N. On the
+// light-tailed uniform family the check also has power: it must reject a 1% bias.
+void check_unbiased(synth::family fam, bool check_power) {
   config cfg = small_config("random");
   cfg.sample_rate = 0.02;
-  batch b = make_batch(synth::family::correlated_values, {2000}, 1, 1, 16, dtype::f32,
-                       kv_layout::contiguous, 1);
+  batch b = make_batch(fam, {2000}, 1, 1, 16, dtype::f32, kv_layout::contiguous, 1);
   const int trials = 3000;
   double sum_d = 0, sum_d2 = 0, d_true = 0;
   std::vector<double> sum_n(16, 0.0), sum_n2(16, 0.0), n_true;
@@ -211,6 +235,7 @@ TEST(Estimators, Unbiased) {
   const double mean = sum_d / trials, se = std::sqrt((sum_d2 / trials - mean * mean) / trials);
   EXPECT_GT(se, 0.0);
   EXPECT_LT(std::abs(mean - d_true), 4.5 * se) << "D mean " << mean << " true " << d_true;
+  if (check_power) EXPECT_GT(std::abs(1.01 * mean - d_true), 4.5 * 1.01 * se);
   for (int j = 0; j < 16; ++j) {
     const double mn = sum_n[j] / trials;
     const double sn = std::sqrt((sum_n2[j] / trials - mn * mn) / trials);
@@ -218,15 +243,27 @@ TEST(Estimators, Unbiased) {
   }
 }
 
-// Without sampling (top-k) the estimate is biased on correlated values: the same statistic must
-// then fail, which shows the unbiasedness test can fail for the right reason.
-TEST(Estimators, TopKAloneIsBiasedOnCorrelatedValues) {
-  config cfg = small_config("topk");
-  batch b = make_batch(synth::family::correlated_values, {2000}, 1, 1, 16, dtype::f32,
-                       kv_layout::contiguous, 1);
-  run_args a = b.args();
-  const auto r = reference::run(cfg, a)[0];
-  EXPECT_LT(r.d_est, r.d_dense * (1 - 1e-3));  // the dropped residual is missing mass
+TEST(Estimators, UnbiasedFlat) {
+  check_unbiased(synth::family::uniform, true);
+}
+TEST(Estimators, UnbiasedHeavyTailed) {
+  check_unbiased(synth::family::correlated_values, false);
+}
+
+// A configuration that would read no token on a short sequence (fractions rounding to zero)
+// falls back to exact attention instead of dividing by zero.
+TEST(Exactness, EmptySelectionFallsBackToDense) {
+  for (const char* text : {"sink=0,local=0,topk=0.01", "sink=0.01,local=0.01"}) {
+    config cfg = parse_config(text);
+    batch b =
+        make_batch(synth::family::uniform, {50}, 1, 1, 8, dtype::f32, kv_layout::contiguous, 6);
+    run_args a = b.args();
+    run_cpu(cfg, b, a, 1);
+    const auto ref = reference::run(cfg, a);
+    EXPECT_EQ(b.stats[0].dense_fallback, 1) << text;
+    EXPECT_LT(test::nmse(b.out.data(), ref[0].out_dense.data(), 8), 1e-12) << text;
+    EXPECT_LT(test::nmse(ref[0].out.data(), ref[0].out_dense.data(), 8), 1e-24) << text;
+  }
 }
 
 // The sample is a uniform draw without replacement from R only: F never appears in it, no

@@ -1,6 +1,7 @@
 // test_core.cpp: the building blocks: normal quantile, keyed permutation, budgets, config.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <set>
 #include <vector>
@@ -85,26 +86,48 @@ TEST(Permutation, PrefixInclusionIsUniform) {
   }
 }
 
-// Pairs: P(i and j both in a prefix of size b) = b(b-1)/(n(n-1)) for every pair.
+// Pairs: P(i and j both in a prefix of size b) = b(b-1)/(n(n-1)) for every pair. Small n is the
+// hard case for a Feistel network (narrow halves); the chi-square bound is the 0.9999 quantile.
 TEST(Permutation, PairInclusionIsUniform) {
-  const uint64_t n = 12, b = 4, keys = 40000;
-  std::vector<double> pair(n * n, 0);
-  for (uint64_t key = 0; key < keys; ++key) {
-    keyed_permutation p(sample_key(3, 1, 2, 3, key), n);
-    std::vector<uint64_t> s;
-    for (uint64_t i = 0; i < b; ++i) s.push_back(p(i));
-    for (uint64_t x : s)
-      for (uint64_t y : s)
-        if (x < y) pair[x * n + y] += 1;
+  struct pair_case {
+    uint64_t n, b, keys;
+    double limit;
+  };
+  for (const pair_case& c : {pair_case{5, 2, 200000, 34.1}, pair_case{8, 3, 300000, 63.4},
+                             pair_case{12, 4, 200000, 116.3}}) {
+    const uint64_t n = c.n;
+    std::vector<double> pair(n * n, 0);
+    for (uint64_t key = 0; key < c.keys; ++key) {
+      keyed_permutation p(sample_key(3, 1, 2, 3, key), n);
+      std::vector<uint64_t> s;
+      for (uint64_t i = 0; i < c.b; ++i) s.push_back(p(i));
+      for (uint64_t x : s)
+        for (uint64_t y : s)
+          if (x < y) pair[x * n + y] += 1;
+    }
+    const double expected = double(c.keys) * double(c.b * (c.b - 1)) / double(n * (n - 1));
+    double chi = 0;
+    for (uint64_t x = 0; x < n; ++x)
+      for (uint64_t y = x + 1; y < n; ++y)
+        chi += (pair[x * n + y] - expected) * (pair[x * n + y] - expected) / expected;
+    EXPECT_LT(chi, c.limit) << "n=" << n << " (" << n * (n - 1) / 2 - 1 << " df)";
   }
-  const double expected = double(keys) * double(b * (b - 1)) / double(n * (n - 1));
-  double chi = 0;
-  int cells = 0;
-  for (uint64_t x = 0; x < n; ++x)
-    for (uint64_t y = x + 1; y < n; ++y, ++cells)
-      chi += (pair[x * n + y] - expected) * (pair[x * n + y] - expected) / expected;
-  EXPECT_LT(chi, 125.0) << "65 df, 0.9999 quantile ~ 115";
-  EXPECT_EQ(cells, 66);
+}
+
+// The residual walk skips F and visits every other token once, in a keyed order.
+TEST(ResidualWalk, VisitsResidualOnce) {
+  const uint64_t n = 300;
+  std::vector<char> in_f(n, 0);
+  for (uint64_t t = 0; t < n; t += 7) in_f[t] = 1;
+  const uint64_t n_s = n - std::count(in_f.begin(), in_f.end(), 1);
+  residual_walk w(42, n);
+  std::vector<char> seen(n, 0);
+  for (uint64_t j = 0; j < n_s; ++j) {
+    const uint64_t t = w.next([&](uint64_t x) { return in_f[x] != 0; });
+    ASSERT_FALSE(in_f[t]);
+    ASSERT_FALSE(seen[t]);
+    seen[t] = 1;
+  }
 }
 
 TEST(UniformDraw, InRangeAndUniform) {

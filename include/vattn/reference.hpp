@@ -20,6 +20,7 @@ struct head_result {
   double d_est = 0, d_dense = 0;       // D^ and D
   std::vector<double> n_est, n_dense;  // N^ and N, [head_dim]
   double c = 0;                        // the stabiliser
+  std::vector<double> logits;          // [n] scale <q, k_i>
   head_stats stats;
 };
 

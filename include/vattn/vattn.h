@@ -21,7 +21,7 @@ typedef enum vattn_status {
 typedef enum vattn_dtype { VATTN_F32 = 0, VATTN_F16 = 1, VATTN_BF16 = 2 } vattn_dtype;
 typedef enum vattn_layout { VATTN_CONTIGUOUS = 0, VATTN_PAGED = 1 } vattn_layout;
 
-/* The message of the last failed call on this thread ("" if none). */
+/* The message of the last failed call on this thread; a successful call clears it to "". */
 const char* vattn_last_error(void);
 const char* vattn_version(void);
 
@@ -72,8 +72,9 @@ typedef struct vattn_kv_cache {
 
 typedef struct vattn_head_stats {
   int64_t n, n_f, n_s, m, b;
+  int64_t n_sampled; /* distinct sampled tokens (= b except in hub mode) */
   double density;
-  double est_rel_error; /* -1: not estimated (no sampling) */
+  double est_rel_error; /* 0: exact; -1: not estimated (no sampling); see vattn.hpp */
   int64_t bytes_kv;
   int32_t dense_fallback;
 } vattn_head_stats;

@@ -132,14 +132,23 @@ struct kv_cache {
 
 // Statistics of one (sequence, query head); SPEC section 5.
 struct head_stats {
-  int64_t n = 0;               // tokens in the cache
-  int64_t n_f = 0;             // |F|, the deterministic set
-  int64_t n_s = 0;             // |R|, the residual
-  int64_t m = 0;               // base sample size
-  int64_t b = 0;               // final sample size (tokens of R read); b = n_s means R was exact
-  double density = 0;          // tokens whose K/V rows were read for the output / n
-  double est_rel_error = 0;    // CLT half-width at the chosen b over the estimate (mode's target)
-  int64_t bytes_kv = 0;        // bytes of K and V read, predictor reads included
+  int64_t n = 0;    // tokens in the cache
+  int64_t n_f = 0;  // |F|, the deterministic set
+  int64_t n_s = 0;  // |R|, the residual (hub mode: the sampling window)
+  int64_t m = 0;    // base sample size
+  int64_t b = 0;    // final sample size (tokens of R read); b = n_s means R was exact
+  // distinct sampled tokens written to run_args::indices after F (= b, except in hub mode where
+  // duplicate draws collapse)
+  int64_t n_sampled = 0;
+  double density = 0;  // tokens whose K/V rows were read for the output / n
+  // CLT half-width at the chosen b over the estimate, for the mode's target (fixed-rate
+  // sampling: the denominator). 0 when exact (dense, or b = n_s); -1 when nothing was sampled
+  // (top-k, top-p, sink+local have no estimate) or a fixed-rate sample of one token. Hub mode
+  // reports its own with-replacement half-width.
+  double est_rel_error = 0;
+  // Bytes of K and V rows read, predictor reads included (oracle stages read every K row).
+  // With gqa_shared a group's rows count once, split evenly over its heads.
+  int64_t bytes_kv = 0;
   int32_t dense_fallback = 0;  // 1 when n was too short for sparsity and attention ran dense
 };
 
@@ -147,10 +156,12 @@ struct run_args {
   int32_t n_head_q = 0;      // query heads per sequence, a multiple of kv.n_head_kv
   const float* q = nullptr;  // [n_seq, n_head_q, head_dim], packed
   kv_cache kv;
-  float* out = nullptr;         // [n_seq, n_head_q, head_dim], packed; written in full
+  float* out = nullptr;         // [n_seq, n_head_q, head_dim], packed; written in full on
+                                // success (unspecified after an error)
   head_stats* stats = nullptr;  // optional [n_seq, n_head_q]
-  // optional [n_seq, n_head_q, n_tokens_max]: the tokens read for each head, F in ascending
-  // order and then the sample in draw order (stats.n_f + sampled count entries; rest untouched)
+  // optional [n_seq, n_head_q, n_tokens_max] (the plan's n_tokens_max; for attention(), the
+  // longest seq_len): the tokens read for each head, F in ascending order and then the sample
+  // in draw order (stats.n_f + stats.n_sampled entries; the rest is left untouched)
   int32_t* indices = nullptr;
   uint64_t step = 0;                // decode step, part of the sampling key
   const int64_t* seq_id = nullptr;  // optional [n_seq] sampling-key ids (default: batch index)

@@ -1,5 +1,7 @@
 // vattn_c.cpp: the C ABI (vattn.h) over the C++ API: exceptions become status codes and a
 // thread-local last-error message.
+#include <algorithm>
+#include <cstddef>
 #include <cstring>
 #include <new>
 #include <string>
@@ -67,6 +69,11 @@ vattn::kv_cache to_cpp(const vattn_kv_cache& c) {
 
 // The C and C++ stats records are converted in place after the run.
 static_assert(sizeof(vattn_head_stats) == sizeof(vattn::head_stats));
+static_assert(offsetof(vattn_head_stats, n_sampled) == offsetof(vattn::head_stats, n_sampled));
+static_assert(offsetof(vattn_head_stats, density) == offsetof(vattn::head_stats, density));
+static_assert(offsetof(vattn_head_stats, bytes_kv) == offsetof(vattn::head_stats, bytes_kv));
+static_assert(offsetof(vattn_head_stats, dense_fallback) ==
+              offsetof(vattn::head_stats, dense_fallback));
 
 }  // namespace
 

@@ -76,11 +76,11 @@ budget compute_budget(budget_mode mode, double eps, double delta, const base_mom
     // ||O^-O|| <= (eN + eD)/(1 - eD) ||O||: eN = eD = eps/(2+eps) gives eps; union bound over
     // the two events halves delta.
     const double e2 = eps / (2 + eps);
-    const double z = normal_quantile(1 - delta / 4);
+    const double z = -normal_quantile(delta / 4);
     out.b0 = std::max(b0_for(budget_mode::denominator, z, e2, mm),
                       b0_for(budget_mode::numerator, z, e2, mm));
   } else {
-    out.b0 = b0_for(mode, normal_quantile(1 - delta / 2), eps, mm);
+    out.b0 = b0_for(mode, -normal_quantile(delta / 2), eps, mm);
   }
   out.b = fpc_budget(out.b0, mm.n_s, mm.m);
   out.est_rel_error = estimated_rel_error(mode, delta, mm, out.b);
@@ -89,12 +89,12 @@ budget compute_budget(budget_mode mode, double eps, double delta, const base_mom
 
 double estimated_rel_error(budget_mode mode, double delta, const base_moments& mm, int64_t b) {
   if (mode == budget_mode::combined) {
-    const double z = normal_quantile(1 - delta / 4);
+    const double z = -normal_quantile(delta / 4);
     double ed = rel_halfwidth(budget_mode::denominator, z, mm, b);
     double en = rel_halfwidth(budget_mode::numerator, z, mm, b);
     return ed < 1 ? (en + ed) / (1 - ed) : std::numeric_limits<double>::infinity();
   }
-  return rel_halfwidth(mode, normal_quantile(1 - delta / 2), mm, b);
+  return rel_halfwidth(mode, -normal_quantile(delta / 2), mm, b);
 }
 
 int64_t hub_budget(double z, double sd, double d_hat, double eps, int64_t n_s, int64_t m) {
@@ -108,11 +108,12 @@ int64_t hub_budget(double z, double sd, double d_hat, double eps, int64_t n_s, i
 
 namespace vattn::detail {
 
+// The relative tolerance absorbs the rounding of f * n (a few ulps), at any n.
 int64_t floor_fraction(double f, int64_t n) {
-  return int64_t(std::floor(f * double(n) + 1e-9));
+  return int64_t(std::floor(f * double(n) * (1 + 1e-12)));
 }
 int64_t ceil_fraction(double f, int64_t n) {
-  return int64_t(std::max(0.0, std::ceil(f * double(n) - 1e-9)));
+  return int64_t(std::max(0.0, std::ceil(f * double(n) * (1 - 1e-12))));
 }
 
 namespace {
@@ -136,6 +137,11 @@ stage_sizes resolve_stages(const config& cfg, int64_t n) {
   const int64_t middle = n - s.n_sink - s.n_local;
   if (cfg.select == selector::topk) s.k = std::min<int64_t>(resolve_size(cfg.topk, n), middle);
   if (middle - s.k < 2) s.dense = true;  // a residual of fewer than 2 tokens: exact is as cheap
+  // Fractions can round to zero on short sequences: a method that would read no token at all
+  // (no sampling, no top-p, empty sinks, local and top-k) computes exact attention instead.
+  if (cfg.sample == sampling::none && cfg.select != selector::topp &&
+      s.n_sink + s.n_local + s.k == 0)
+    s.dense = true;
   return s;
 }
 

@@ -59,7 +59,8 @@ struct stage_sizes {
 };
 stage_sizes resolve_stages(const config& cfg, int64_t n);
 
-// floor(f n) and ceil(f n) with a 1e-9 tolerance, so 0.29 * 100 is 29 and 0.05 * 2000 is 100.
+// floor(f n) and ceil(f n) with a 1e-12 relative tolerance, so 0.29 * 100 is 29 and
+// 0.05 * 2000 is 100.
 int64_t floor_fraction(double f, int64_t n);
 int64_t ceil_fraction(double f, int64_t n);
 

@@ -10,7 +10,7 @@ namespace vattn {
 
 int64_t count_or_fraction::resolve(int64_t n) const {
   if (!fraction) return int64_t(value);
-  return int64_t(std::floor(value * double(n) + 1e-9));
+  return int64_t(std::floor(value * double(n) * (1 + 1e-12)));  // as detail::floor_fraction
 }
 
 const char* budget_mode_name(budget_mode m) {
@@ -308,7 +308,7 @@ config parse_config(std::string_view text, const config& base) {
       c.seed = parse_u64(k, v);
     } else if (k == "layer") {
       uint64_t l = parse_u64(k, v);
-      if (l > 1u << 30) fail("layer must be < 2^30");
+      if (l >= 1u << 30) fail("layer must be < 2^30");
       c.layer = int32_t(l);
     } else {
       fail("unknown key '" + std::string(k) +

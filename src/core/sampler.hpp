@@ -33,8 +33,9 @@ VATTN_HD uint64_t sample_key(uint64_t seed, int32_t layer, int64_t seq, int32_t 
 }
 
 // A keyed bijection of [0, n): a balanced Feistel network over 2*half_bits bits (the smallest
-// even width covering n) with cycle walking back into [0, n). The domain is < 4n, so a walk
-// takes fewer than 4 rounds of the network on average.
+// even width covering n, at least 8 bits) with cycle walking back into [0, n). Halves narrower
+// than 4 bits make measurably non-uniform pairs, hence the floor. For n >= 256 the domain is
+// < 4n, so a walk takes fewer than 4 evaluations of the network on average.
 class keyed_permutation {
  public:
   static constexpr int k_rounds = 8;
@@ -42,7 +43,7 @@ class keyed_permutation {
   VATTN_HD keyed_permutation(uint64_t key, uint64_t n) : n_(n) {
     uint32_t bits = 0;
     while (bits < 64 && (uint64_t(1) << bits) < n) ++bits;
-    half_ = bits < 2 ? 1 : (bits + 1) / 2;
+    half_ = bits < 8 ? 4 : (bits + 1) / 2;
     mask_ = (uint64_t(1) << half_) - 1;
     for (int r = 0; r < k_rounds; ++r) keys_[r] = mix64(key + 0x632be59bd9b4e019ull * (r + 1));
   }
@@ -73,6 +74,29 @@ class keyed_permutation {
   uint32_t half_;
   uint64_t mask_;
   uint64_t keys_[k_rounds];
+};
+
+// The sample of vAttention: positions of a keyed permutation of all n tokens, skipping those in
+// F. The kept tokens are a uniformly random ordering of the residual R = [0, n) \ F, so every
+// prefix is a uniform sample without replacement from R, prefixes are nested, and a change of
+// one member of F (a near-tie at the top-k boundary on another backend) moves at most one or
+// two sampled tokens instead of reshuffling the whole sample.
+class residual_walk {
+ public:
+  VATTN_HD residual_walk(uint64_t key, uint64_t n) : perm_(key, n) {}
+  // The next token of R; `in_f(t)` tells whether token t is deterministic. R must not be
+  // exhausted (callers draw at most |R| tokens).
+  template <typename InF>
+  VATTN_HD uint64_t next(const InF& in_f) {
+    for (;;) {
+      const uint64_t t = perm_(pos_++);
+      if (!in_f(t)) return t;
+    }
+  }
+
+ private:
+  keyed_permutation perm_;
+  uint64_t pos_ = 0;
 };
 
 // Draw number `counter` of a uniform stream over [0, n) keyed by `key` (with replacement).

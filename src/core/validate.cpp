@@ -68,7 +68,7 @@ void validate_run_args(const plan_params& p, const run_args& a, int64_t* row0, b
     int64_t packed = 0;
     for (int32_t s = 0; s < kv.n_seq; ++s) {
       const int64_t first = kv.seq_start ? kv.seq_start[s] : packed;
-      if (first < 0 || first + kv.seq_len[s] > kv.n_rows)
+      if (first < 0 || first > kv.n_rows - kv.seq_len[s])  // no overflow for a huge seq_start
         fail("kv sequence " + str(s) + " spans rows [" + str(first) + ", " +
              str(first + kv.seq_len[s]) + ") outside the " + str(kv.n_rows) + " rows (n_rows)");
       if (row0) row0[s] = first;

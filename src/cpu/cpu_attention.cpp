@@ -3,9 +3,9 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <cstdio>
 #include <cstring>
 #include <memory>
-#include <mutex>
 #include <string>
 
 #include "core/budget.hpp"
@@ -37,7 +37,6 @@ struct scratch {
   uint8_t* flags;   // [n_max] 1: in F; 2: drawn (hub)
   int32_t* cand;    // [n_max] top-k / top-p candidates
   int32_t* f;       // [n_max] F ascending
-  int32_t* resid;   // [n_max] residual ascending
   int32_t* sample;  // [n_max] sampled tokens in draw order
   double* acc;      // [group, acc_stride] accumulators (see head_acc)
 };
@@ -64,7 +63,7 @@ layout_sizes scratch_sizes(int64_t n_max, int32_t group, int32_t d) {
   s.flags = align_up(size_t(n_max));
   s.ints = align_up(sizeof(int32_t) * size_t(n_max));
   s.acc = align_up(sizeof(double) * acc_stride(d) * group);
-  s.total = s.logits + s.flags + 4 * s.ints + s.acc;
+  s.total = s.logits + s.flags + 3 * s.ints + s.acc;
   return s;
 }
 
@@ -77,8 +76,6 @@ scratch carve(uint8_t* base, const layout_sizes& s) {
   w.cand = reinterpret_cast<int32_t*>(base);
   base += s.ints;
   w.f = reinterpret_cast<int32_t*>(base);
-  base += s.ints;
-  w.resid = reinterpret_cast<int32_t*>(base);
   base += s.ints;
   w.sample = reinterpret_cast<int32_t*>(base);
   base += s.ints;
@@ -134,7 +131,7 @@ class unit_runner {
       if (flags[i])
         ws_.f[n_f++] = int32_t(i);
       else
-        ws_.resid[n_s++] = int32_t(i);
+        ++n_s;
     }
     if (n_s < 2) {
       if (!need_all)
@@ -145,12 +142,12 @@ class unit_runner {
 
     const int32_t key_head = cfg.gqa_shared ? kvh_ : h0_;
     const int64_t seq_key = c_.a.seq_id ? c_.a.seq_id[s_] : s_;
-    const keyed_permutation perm(sample_key(cfg.seed, cfg.layer, seq_key, key_head, c_.a.step),
-                                 uint64_t(n_s));
+    residual_walk walk(sample_key(cfg.seed, cfg.layer, seq_key, key_head, c_.a.step), uint64_t(n_));
+    auto in_f = [flags](uint64_t t) { return flags[t] != 0; };
     int64_t m0 = 0;  // the first sample drawn before the budget is known
     if (cfg.sample == sampling::fixed_rate) m0 = fixed_rate_sample_size(cfg, n_s);
     if (cfg.sample == sampling::adaptive) m0 = base_sample_size(cfg, n_s);
-    for (int64_t j = 0; j < m0; ++j) ws_.sample[j] = ws_.resid[perm(uint64_t(j))];
+    for (int64_t j = 0; j < m0; ++j) ws_.sample[j] = int32_t(walk.next(in_f));
 
     // Phase 1: F and the first m0 draws, with moments, in one stabiliser per head.
     int64_t b = m0;
@@ -172,7 +169,7 @@ class unit_runner {
     }
     if (cfg.sample == sampling::adaptive) {
       // Phase 2: extend the sample to b (nested: the base draws are its prefix).
-      for (int64_t j = m0; j < b; ++j) ws_.sample[j] = ws_.resid[perm(uint64_t(j))];
+      for (int64_t j = m0; j < b; ++j) ws_.sample[j] = int32_t(walk.next(in_f));
       for (int32_t x = 0; x < g_; ++x) {
         extend(x, m0, b);
         est[x] = estimated_rel_error(cfg.mode, cfg.delta, moments_[x], b);
@@ -193,6 +190,7 @@ class unit_runner {
       hs.n_s = n_s;
       hs.m = cfg.sample == sampling::adaptive ? m0 : 0;
       hs.b = b;
+      hs.n_sampled = b;
       hs.density = double(n_f + b) / double(n_);
       hs.est_rel_error = est[x];
       hs.bytes_kv = bytes;
@@ -288,6 +286,8 @@ class unit_runner {
     float c = A.c;
     for (int64_t j = m0; j < b; ++j)
       c = std::max(c, have ? lg(x, ws_.sample[j]) : logit(x, ws_.sample[j]));
+    // The second-moment sums (s_ee, s_evev, s_eev) are not rescaled: they served the budget,
+    // which is fixed by now.
     if (c > A.c) {  // keep one stabiliser for every term of the row
       const double r = std::exp(double(A.c - c));
       A.d_f *= r;
@@ -438,7 +438,7 @@ class unit_runner {
       row_axpy<T>(e, vrow(ws_.f[i]), d_, A.n_f);
     }
     const double d_b = A.d_f + double(n_w) / md * distinct;
-    const double z = normal_quantile(1 - cfg.delta);
+    const double z = -normal_quantile(cfg.delta);
     const int64_t b = hub_budget(z, sd, d_b, cfg.eps, n_w, m);
     for (int64_t j = 0; j < m; ++j) {  // clear the base-draw marks: base draws are not sampled
       const int64_t t = w0 + int64_t(uniform_draw(key, uint64_t(j), uint64_t(n_w)));
@@ -462,6 +462,7 @@ class unit_runner {
     hs.n_s = n_w;
     hs.m = m;
     hs.b = b;
+    hs.n_sampled = n_sampled;
     hs.density = double(n_f + n_sampled) / double(n_);
     hs.est_rel_error = d_b > 0 ? z * sd * double(n_w) / (std::sqrt(double(b)) * d_b) : 0;
     hs.bytes_kv = (n_ + n_f + n_sampled) * d_ * int64_t(sizeof(elem));
@@ -483,8 +484,9 @@ void run_units(const run_ctx& ctx, uint8_t* ws, size_t ws_per_thread, int32_t n_
   const int64_t n_units = int64_t(ctx.kv.n_seq) * units_per_seq;
   const layout_sizes sizes = scratch_sizes(ctx.p.n_tokens_max, group, ctx.p.head_dim);
   std::atomic<bool> failed{false};
-  std::mutex mu;
-  std::string first_error;
+  // The first error's message; a fixed buffer so reporting cannot throw inside the parallel
+  // region.
+  char first_error[512] = {};
   auto body = [&](int64_t u, int tid) {
     if (failed.load(std::memory_order_relaxed)) return;
     try {
@@ -492,8 +494,7 @@ void run_units(const run_ctx& ctx, uint8_t* ws, size_t ws_per_thread, int32_t n_
       unit_runner<T> r(ctx, carve(ws + size_t(tid) * ws_per_thread, sizes), s, first, group);
       r.run();
     } catch (const std::exception& e) {
-      std::lock_guard<std::mutex> lock(mu);
-      if (!failed.exchange(true)) first_error = e.what();
+      if (!failed.exchange(true)) std::snprintf(first_error, sizeof first_error, "%s", e.what());
     }
   };
 #if VATTN_HAVE_OPENMP
@@ -520,6 +521,10 @@ plan::plan(const config& cfg, const plan_params& params) : cfg_(cfg), params_(pa
   if (group > 256)
     throw error("plan_params: gqa_shared supports at most 256 query heads per kv head");
   ws_per_thread_ = scratch_sizes(params_.n_tokens_max, group, params_.head_dim).total;
+  if (ws_per_thread_ > (size_t(1) << 46) / size_t(params_.n_threads))
+    throw error("plan_params: the workspace for n_tokens_max " +
+                std::to_string(params_.n_tokens_max) + " on " + std::to_string(params_.n_threads) +
+                " threads exceeds 64 TiB");
   ws_bytes_ = align_up(sizeof(int64_t) * size_t(params_.n_seq_max)) +
               ws_per_thread_ * size_t(params_.n_threads);
 }

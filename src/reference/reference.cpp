@@ -160,17 +160,23 @@ void run_unit(const unit_ctx& u, const group_data& g, const std::vector<int>& he
       }
     }
   }
-  std::vector<int32_t> f, resid;
-  for (int64_t i = 0; i < n; ++i) (in_f[i] ? f : resid).push_back(int32_t(i));
-  const int64_t n_s = int64_t(resid.size());
+  std::vector<int32_t> f;
+  for (int64_t i = 0; i < n; ++i)
+    if (in_f[i]) f.push_back(int32_t(i));
+  const int64_t n_s = n - int64_t(f.size());
   if (n_s < 2) return finish_dense();
 
+  // The sample: the tokens of R in the order of a keyed permutation of [0, n) (F skipped); the
+  // first m are the base sample, the first b the final one.
   const uint64_t key = sample_key(cfg.seed, cfg.layer, u.seq_key, u.key_head, u.a.step);
-  const keyed_permutation perm(key, uint64_t(n_s));
+  const keyed_permutation perm(key, uint64_t(n));
+  std::vector<int32_t> order;
+  for (uint64_t j = 0; int64_t(order.size()) < n_s; ++j) {
+    const int32_t t = int32_t(perm(j));
+    if (!in_f[t]) order.push_back(t);
+  }
   auto prefix = [&](int64_t len) {
-    std::vector<int32_t> out(len);
-    for (int64_t j = 0; j < len; ++j) out[j] = resid[perm(uint64_t(j))];
-    return out;
+    return std::vector<int32_t>(order.begin(), order.begin() + len);
   };
 
   int64_t m = 0, b = 0;
@@ -211,6 +217,7 @@ void run_unit(const unit_ctx& u, const group_data& g, const std::vector<int>& he
     r.stats.n_s = n_s;
     r.stats.m = m;
     r.stats.b = b;
+    r.stats.n_sampled = b;
     r.stats.density = double(int64_t(f.size()) + b) / double(n);
     r.stats.est_rel_error = est_err[x];
     r.stats.bytes_kv = int64_t((k_rows + v_rows) * row_bytes / double(heads.size()));
@@ -258,7 +265,7 @@ void run_hub_head(const unit_ctx& u, const group_data& g, int hh, head_result& r
   for (int32_t t : draws)
     if (!seen[t]) seen[t] = 1, distinct_sum += e[t];
   d_b += double(n_w) / double(m) * distinct_sum;
-  const double z = normal_quantile(1 - cfg.delta);
+  const double z = -normal_quantile(cfg.delta);
   const int64_t b = hub_budget(z, sd, d_b, cfg.eps, n_w, m);
 
   std::vector<double> w(n, 0.0);
@@ -280,6 +287,7 @@ void run_hub_head(const unit_ctx& u, const group_data& g, int hh, head_result& r
   r.stats.n_s = n_w;
   r.stats.m = m;
   r.stats.b = b;
+  r.stats.n_sampled = int64_t(sample.size());
   r.stats.density = double(r.f.size() + sample.size()) / double(n);
   r.stats.est_rel_error = d_b > 0 ? z * sd * double(n_w) / (std::sqrt(double(b)) * d_b) : 0;
   r.stats.bytes_kv = int64_t(n + int64_t(r.f.size() + sample.size())) * g.d * u.es;
@@ -345,6 +353,7 @@ std::vector<head_result> run(const config& cfg, const run_args& a) {
 
         head_result& r = out[size_t(s) * n_head_q + h];
         r.c = c;
+        r.logits = g.logits.back();
         r.stats.n = g.n;
         std::vector<double> ones(g.n, 1.0);
         estimate(g, hh, ones, r);  // exact attention first, kept as the dense answer
