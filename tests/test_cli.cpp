@@ -104,6 +104,25 @@ TEST(Cli, CheckJsonAndTable) {
   std::filesystem::remove(in);
 }
 
+TEST(Cli, SynthThenCheck) {
+  const std::string path = temp_path("synth.safetensors");
+  result r = run("synth --out " + path + " --family needle --tokens 900 --n-q 2 --dtype f16");
+  ASSERT_EQ(r.code, 0) << r.out;
+  vattn::io::safetensors st = vattn::io::safetensors::load(path);
+  ASSERT_NE(st.find("k"), nullptr);
+  EXPECT_EQ(st.find("k")->dtype, "F16");
+  EXPECT_EQ(st.find("q")->shape, (std::vector<int64_t>{2, 8, 64}));
+  r = run("check --input " + path + " --sink 16 --local 16 --trials 2 --json");
+  ASSERT_EQ(r.code, 0) << r.out;
+  auto j = nlohmann::json::parse(r.out);
+  EXPECT_EQ(j["all"]["cases"].get<int>(), 2 * 2 * 8);
+  EXPECT_EQ(j["dtype"], "f16");
+  r = run("synth --out " + path + " --family nope");
+  EXPECT_EQ(r.code, 2);
+  EXPECT_NE(r.out.find("heavy_hitters"), std::string::npos) << r.out;
+  std::filesystem::remove(path);
+}
+
 TEST(Cli, CheckRejectsBadInput) {
   result r = run("check --input /nonexistent/x.safetensors");
   EXPECT_NE(r.code, 0);

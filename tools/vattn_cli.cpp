@@ -1,4 +1,4 @@
-// vattn_cli.cpp: the `vattn` command line: demo, check, info.
+// vattn_cli.cpp: the `vattn` command line: demo, check, synth, info.
 #include <CLI/CLI.hpp>
 #include <cstdio>
 #include <iostream>
@@ -68,6 +68,7 @@ int main(int argc, char** argv) {
   app.add_flag("--json", json, "machine-readable output")->configurable();
   vattn::cli::add_demo(app, json);
   vattn::cli::add_check(app, json);
+  vattn::cli::add_synth(app, json);
   CLI::App* inf = app.add_subcommand("info", "Version, build options and detected CPU features");
   inf->callback([&json] { info(json); });
   // --json is accepted after the subcommand too.
