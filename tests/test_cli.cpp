@@ -98,6 +98,7 @@ TEST(Cli, CheckJsonAndTable) {
   EXPECT_EQ(j["all"]["cases"].get<int>(), 3 * 3 * 4);
   EXPECT_EQ(j["target"], "O");
   EXPECT_LT(j["cpu_vs_reference_max_nmse"].get<double>(), 1e-9);
+  EXPECT_EQ(j["cpu_vs_reference_index_mismatches"].get<int>(), 0);
   r = run("check --input " + in + " --method topk --sink 8 --local 8 --topk 32 --trials 1");
   ASSERT_EQ(r.code, 0) << r.out;
   EXPECT_NE(r.out.find("all"), std::string::npos);
