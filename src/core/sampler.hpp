@@ -103,7 +103,11 @@ class residual_walk {
 // Multiply-shift maps 64 random bits to [0, n) with a bias below n / 2^64.
 VATTN_HD uint64_t uniform_draw(uint64_t key, uint64_t counter, uint64_t n) {
   uint64_t r = mix64(key ^ mix64(counter + 0x5851f42d4c957f2dull));
+#if defined(__CUDA_ARCH__)
+  return __umul64hi(r, n);
+#else
   return uint64_t((static_cast<unsigned __int128>(r) * n) >> 64);
+#endif
 }
 
 }  // namespace vattn::detail
