@@ -4,8 +4,9 @@
 // of the keyed permutation sampler against the CPU. Checked against a double-precision CPU
 // reference; timed with CUDA events (median of repeats, inputs rotated past L2).
 //
-// Build: nvcc -O3 -std=c++17 -gencode=arch=compute_90,code=sm_90 -I src dev/cuda/decode.cu -o
-// decode Run:   ./decode            (prints one row per (context, batch); see docs/benchmarks.md)
+// Build (from the repository root):
+//   nvcc -O3 -std=c++17 -gencode=arch=compute_90,code=sm_90 -I src dev/cuda/decode.cu -o decode
+// Run: ./decode [contexts] [batches], e.g. ./decode 8192,131072 1,16 (docs/benchmarks.md)
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
