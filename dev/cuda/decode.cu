@@ -41,6 +41,38 @@ constexpr int kTokPerWarp = 32 / kLanesPerTok;   // 4 tokens per warp step
 #define DECODE_UNROLL 2
 #endif
 constexpr int kUnroll = DECODE_UNROLL;  // token rows per lane group loaded before any is used
+// DECODE_ASYNC=1: each thread prefetches its own 64 bytes of K and V rows kStages steps ahead
+// with cp.async into shared memory, so rows in flight no longer cost registers.
+#ifndef DECODE_ASYNC
+#define DECODE_ASYNC 0
+#endif
+constexpr int kStages = 5;
+constexpr int kMergeBytes = kWarps * kTokPerWarp * kG * (kD + 2) * 4;
+constexpr int kStageBytes = DECODE_ASYNC ? kWarps * 32 * kStages * 64 : 0;
+constexpr int kSmemBytes = kMergeBytes > kStageBytes ? kMergeBytes : kStageBytes;
+
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
+  const unsigned a = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(a), "l"(gmem));
+}
+__device__ __forceinline__ void cp_async_commit() {
+  asm volatile("cp.async.commit_group;\n");
+}
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+__device__ __forceinline__ void unpack_row(const uint4* p, float (&x)[16]) {
+  uint4 a = p[0], b = p[1];
+  const __nv_bfloat162* ha = reinterpret_cast<const __nv_bfloat162*>(&a);
+  const __nv_bfloat162* hb = reinterpret_cast<const __nv_bfloat162*>(&b);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    float2 fa = __bfloat1622float2(ha[i]), fb = __bfloat1622float2(hb[i]);
+    x[2 * i] = fa.x, x[2 * i + 1] = fa.y;
+    x[8 + 2 * i] = fb.x, x[8 + 2 * i + 1] = fb.y;
+  }
+}
 
 struct partial {  // per (batch, q head, split): running max, sum and unnormalised output
   float m, l;
@@ -93,6 +125,67 @@ __global__ void __launch_bounds__(kWarps * 32)
   const int* ib = kSparse ? idx + ((size_t)b * n_kv + kvh) * len : nullptr;
   const float* wb = kSparse ? w + ((size_t)b * n_kv + kvh) * len : nullptr;
 
+#if DECODE_ASYNC
+  __shared__ __align__(16) unsigned char smem_raw[kSmemBytes];
+  // Per-thread ring of kStages slots of 64 bytes (32 of K, 32 of V). A thread reads back only
+  // what it copied itself, so cp.async.wait_group alone orders the reuse.
+  uint4* ring = reinterpret_cast<uint4*>(smem_raw) + threadIdx.x * kStages * 4;
+  constexpr int kStep = kWarps * kTokPerWarp;
+  const int first = t0 + warp * kTokPerWarp;
+  const int steps = first < t1 ? (t1 - first + kStep - 1) / kStep : 0;  // same for the warp
+  auto issue = [&](int step) {
+    if (step < steps) {
+      const int i = first + step * kStep + slot;
+      const int ii = i < t1 ? i : t1 - 1;
+      const int t = kSparse ? ib[ii] : ii;
+      const uint4* kr = reinterpret_cast<const uint4*>(kb + (size_t)t * row_stride);
+      const uint4* vr = reinterpret_cast<const uint4*>(vb + (size_t)t * row_stride);
+      uint4* slot_p = ring + (step % kStages) * 4;
+      cp_async16(slot_p, kr);
+      cp_async16(slot_p + 1, kr + 1);
+      cp_async16(slot_p + 2, vr);
+      cp_async16(slot_p + 3, vr + 1);
+    }
+    cp_async_commit();  // an empty group keeps the count uniform
+  };
+#pragma unroll
+  for (int st = 0; st < kStages - 1; ++st) issue(st);
+  for (int step = 0; step < steps; ++step) {
+    issue(step + kStages - 1);
+    cp_async_wait<kStages - 1>();
+    const int i = first + step * kStep + slot;
+    const bool valid = i < t1;
+    const float wt = kSparse ? (valid ? wb[i] : 0.f) : 1.f;
+    float kx[kDimsPerLane], vx[kDimsPerLane];
+    unpack_row(ring + (step % kStages) * 4, kx);
+    unpack_row(ring + (step % kStages) * 4 + 2, vx);
+    float s[kG];
+#pragma unroll
+    for (int h = 0; h < kG; ++h) {
+      float a = 0.f;
+#pragma unroll
+      for (int j = 0; j < kDimsPerLane; ++j) a = fmaf(qr[h][j], kx[j], a);
+      s[h] = a;
+    }
+#pragma unroll
+    for (int off = kLanesPerTok / 2; off > 0; off /= 2)
+#pragma unroll
+      for (int h = 0; h < kG; ++h) s[h] += __shfl_xor_sync(0xffffffffu, s[h], off);
+    if (!valid) continue;
+#pragma unroll
+    for (int h = 0; h < kG; ++h) {
+      const float mn = fmaxf(m[h], s[h]);
+      const float r = __expf(m[h] - mn);
+      const float p = wt * __expf(s[h] - mn);
+      l[h] = l[h] * r + p;
+#pragma unroll
+      for (int j = 0; j < kDimsPerLane; ++j) acc[h][j] = fmaf(p, vx[j], acc[h][j] * r);
+      m[h] = mn;
+    }
+  }
+  cp_async_wait<0>();
+  __syncthreads();  // the ring becomes the merge area below
+#else
   // Each warp step covers kUnroll x kTokPerWarp tokens; warps interleave by step. The loop
   // bound is the same for all lanes of a warp (the shuffles below need every lane); a lane past
   // the end reloads a valid row and discards it. All rows of a step are loaded before any is
@@ -139,11 +232,14 @@ __global__ void __launch_bounds__(kWarps * 32)
       }
     }
   }
+  __shared__ __align__(16) unsigned char smem_raw[kSmemBytes];
+#endif
   // Note: a lane whose loop ran zero times has m = -inf, l = 0, acc = 0 and merges as empty.
 
   // Merge the 16 token slots (4 per warp x 4 warps) through shared memory.
-  __shared__ float sm_m[kWarps * kTokPerWarp][kG], sm_l[kWarps * kTokPerWarp][kG];
-  __shared__ float sm_o[kWarps * kTokPerWarp][kG][kD];
+  auto sm_o = reinterpret_cast<float(*)[kG][kD]>(smem_raw);
+  auto sm_m = reinterpret_cast<float(*)[kG]>(smem_raw + kWarps * kTokPerWarp * kG * kD * 4);
+  auto sm_l = reinterpret_cast<float(*)[kG]>(smem_raw + kWarps * kTokPerWarp * kG * (kD + 1) * 4);
   const int g = warp * kTokPerWarp + slot;
 #pragma unroll
   for (int h = 0; h < kG; ++h) {
