@@ -51,6 +51,7 @@ constexpr int kMergeBytes = kWarps * kTokPerWarp * kG * (kD + 2) * 4;
 constexpr int kStageBytes = DECODE_ASYNC ? kWarps * 32 * kStages * 64 : 0;
 constexpr int kSmemBytes = kMergeBytes > kStageBytes ? kMergeBytes : kStageBytes;
 
+#if DECODE_ASYNC
 __device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
   const unsigned a = static_cast<unsigned>(__cvta_generic_to_shared(smem));
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(a), "l"(gmem));
@@ -90,6 +91,7 @@ __device__ __forceinline__ void load_row(const __nv_bfloat16* row, float (&x)[kD
     x[8 + 2 * i] = fb.x, x[8 + 2 * i + 1] = fb.y;
   }
 }
+#endif
 
 // One block: (split, kv head, batch). K, V: [batch][n][n_kv][kD] bf16. q: [batch][n_kv*kG][kD].
 // kSparse: tokens come from idx[batch][n_kv][len] with weights w (the sampled tokens' n_s/b).
