@@ -14,6 +14,7 @@
 #include "core/sampler.hpp"
 #include "core/validate.hpp"
 #include "cpu/row_kernels.hpp"
+#include "cpu/simd.hpp"
 #include "vattn/vattn.hpp"
 
 #if VATTN_HAVE_OPENMP
@@ -210,7 +211,7 @@ class unit_runner {
 
   // Computes and stores the logit of token t for head x; rejects non-finite values.
   float logit(int32_t x, int64_t t) {
-    float l = c_.scale * row_dot<T>(q(x), krow(t), d_);
+    float l = c_.scale * dot_(q(x), krow(t), d_);
     if (!std::isfinite(l))
       fail_at("k contains NaN/Inf (or q.k overflows) at seq " + std::to_string(s_) + ", token " +
               std::to_string(t) + ", kv head " + std::to_string(kvh_));
@@ -469,7 +470,17 @@ class unit_runner {
     emit(0, hs, n_f, n_sampled);
   }
 
+  // The dot product of the SIMD level in use (VATTN_SIMD overrides the detected one).
+  using dot_fn = float (*)(const float*, const elem*, int32_t);
+  static dot_fn pick_dot() {
+    const row_ops& ops = active_row_ops();
+    if constexpr (T == dtype::f32) return ops.dot_f32;
+    if constexpr (T == dtype::f16) return ops.dot_f16;
+    if constexpr (T == dtype::bf16) return ops.dot_bf16;
+  }
+
   const run_ctx& c_;
+  const dot_fn dot_ = pick_dot();
   scratch ws_;
   int32_t s_, h0_, g_, kvh_ = 0, d_ = 0;
   int64_t n_ = 0, n_max_ = 0;
@@ -554,7 +565,7 @@ void plan::run(const run_args& args, void* workspace, size_t workspace_size) con
 }
 
 const char* simd_level_name() {
-  return "scalar (portable C++)";
+  return simd_level_str(active_simd_level());
 }
 
 void attention(const config& cfg, const run_args& args, int32_t n_threads) {

@@ -1,0 +1,31 @@
+// simd.hpp: the CPU instruction-set levels the row kernels are built for, the level in use
+// (detected once, overridable with VATTN_SIMD=scalar|avx2 for tests and bug reports), and the
+// table of row kernels for that level.
+#pragma once
+
+#include <cstdint>
+
+namespace vattn::detail {
+
+enum class simd_level : int32_t { scalar = 0, avx2 = 1 };
+
+const char* simd_level_str(simd_level l);
+simd_level detected_simd_level();  // what this CPU supports (AVX2 needs FMA and F16C too)
+// The level in use: VATTN_SIMD if set (capped at what the CPU supports), else the detected one.
+// Read once per process.
+simd_level active_simd_level();
+// Parses a VATTN_SIMD value; returns false for an unknown name.
+bool parse_simd_level(const char* s, simd_level* out);
+
+// Dot products of an f32 query with a K row stored as f32, f16 or bf16.
+struct row_ops {
+  float (*dot_f32)(const float* q, const float* row, int32_t d);
+  float (*dot_f16)(const float* q, const uint16_t* row, int32_t d);
+  float (*dot_bf16)(const float* q, const uint16_t* row, int32_t d);
+};
+const row_ops& row_ops_for(simd_level l);
+inline const row_ops& active_row_ops() {
+  return row_ops_for(active_simd_level());
+}
+
+}  // namespace vattn::detail
