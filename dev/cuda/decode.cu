@@ -51,6 +51,27 @@ constexpr int kMergeBytes = kWarps * kTokPerWarp * kG * (kD + 2) * 4;
 constexpr int kStageBytes = DECODE_ASYNC ? kWarps * 32 * kStages * 64 : 0;
 constexpr int kSmemBytes = kMergeBytes > kStageBytes ? kMergeBytes : kStageBytes;
 
+struct partial {  // per (batch, q head, split): running max, sum and unnormalised output
+  float m, l;
+};
+
+// Two 16-byte words of bf16 (this lane's 16 dims of a row) as f32.
+__device__ __forceinline__ void unpack_row(uint4 a, uint4 b, float (&x)[kDimsPerLane]) {
+  const __nv_bfloat162* ha = reinterpret_cast<const __nv_bfloat162*>(&a);
+  const __nv_bfloat162* hb = reinterpret_cast<const __nv_bfloat162*>(&b);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    float2 fa = __bfloat1622float2(ha[i]), fb = __bfloat1622float2(hb[i]);
+    x[2 * i] = fa.x, x[2 * i + 1] = fa.y;
+    x[8 + 2 * i] = fb.x, x[8 + 2 * i + 1] = fb.y;
+  }
+}
+
+__device__ __forceinline__ void load_row(const __nv_bfloat16* row, float (&x)[kDimsPerLane]) {
+  const uint4* p = reinterpret_cast<const uint4*>(row);
+  unpack_row(__ldg(p), __ldg(p + 1), x);
+}
+
 #if DECODE_ASYNC
 __device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
   const unsigned a = static_cast<unsigned>(__cvta_generic_to_shared(smem));
@@ -62,34 +83,6 @@ __device__ __forceinline__ void cp_async_commit() {
 template <int N>
 __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
-}
-__device__ __forceinline__ void unpack_row(const uint4* p, float (&x)[16]) {
-  uint4 a = p[0], b = p[1];
-  const __nv_bfloat162* ha = reinterpret_cast<const __nv_bfloat162*>(&a);
-  const __nv_bfloat162* hb = reinterpret_cast<const __nv_bfloat162*>(&b);
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    float2 fa = __bfloat1622float2(ha[i]), fb = __bfloat1622float2(hb[i]);
-    x[2 * i] = fa.x, x[2 * i + 1] = fa.y;
-    x[8 + 2 * i] = fb.x, x[8 + 2 * i + 1] = fb.y;
-  }
-}
-
-struct partial {  // per (batch, q head, split): running max, sum and unnormalised output
-  float m, l;
-};
-
-__device__ __forceinline__ void load_row(const __nv_bfloat16* row, float (&x)[kDimsPerLane]) {
-  const uint4* p = reinterpret_cast<const uint4*>(row);
-  uint4 a = __ldg(p), b = __ldg(p + 1);
-  const __nv_bfloat162* ha = reinterpret_cast<const __nv_bfloat162*>(&a);
-  const __nv_bfloat162* hb = reinterpret_cast<const __nv_bfloat162*>(&b);
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    float2 fa = __bfloat1622float2(ha[i]), fb = __bfloat1622float2(hb[i]);
-    x[2 * i] = fa.x, x[2 * i + 1] = fa.y;
-    x[8 + 2 * i] = fb.x, x[8 + 2 * i + 1] = fb.y;
-  }
 }
 #endif
 
@@ -159,8 +152,9 @@ __global__ void __launch_bounds__(kWarps * 32)
     const bool valid = i < t1;
     const float wt = kSparse ? (valid ? wb[i] : 0.f) : 1.f;
     float kx[kDimsPerLane], vx[kDimsPerLane];
-    unpack_row(ring + (step % kStages) * 4, kx);
-    unpack_row(ring + (step % kStages) * 4 + 2, vx);
+    const uint4* slot_r = ring + (step % kStages) * 4;
+    unpack_row(slot_r[0], slot_r[1], kx);
+    unpack_row(slot_r[2], slot_r[3], vx);
     float s[kG];
 #pragma unroll
     for (int h = 0; h < kG; ++h) {
