@@ -5,6 +5,7 @@
 #include <nlohmann/json.hpp>
 
 #include "commands.hpp"
+#include "cpu/simd.hpp"
 #include "vattn/vattn.hpp"
 
 namespace {
@@ -17,7 +18,7 @@ nlohmann::json cpu_features() {
   f["avx"] = bool(__builtin_cpu_supports("avx"));
   f["avx2"] = bool(__builtin_cpu_supports("avx2"));
   f["fma"] = bool(__builtin_cpu_supports("fma"));
-  f["f16c"] = bool(__builtin_cpu_supports("f16c"));
+  f["f16c"] = vattn::detail::cpu_has_f16c();
   f["avx512f"] = bool(__builtin_cpu_supports("avx512f"));
 #endif
   return f;

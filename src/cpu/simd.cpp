@@ -10,6 +10,7 @@
 #include "cpu/row_kernels.hpp"
 
 #if defined(__x86_64__) || defined(__i386__)
+#include <cpuid.h>
 #include <immintrin.h>
 #define VATTN_X86 1
 #endif
@@ -27,11 +28,20 @@ bool parse_simd_level(const char* s, simd_level* out) {
   return false;
 }
 
+bool cpu_has_f16c() {
+#if VATTN_X86
+  // CPUID leaf 1, ECX bit 29 (clang 14's __builtin_cpu_supports does not know "f16c").
+  unsigned a = 0, b = 0, c = 0, d = 0;
+  return __get_cpuid(1, &a, &b, &c, &d) && (c & (1u << 29)) != 0;
+#else
+  return false;
+#endif
+}
+
 simd_level detected_simd_level() {
 #if VATTN_X86
   __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-      __builtin_cpu_supports("f16c"))
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && cpu_has_f16c())
     return simd_level::avx2;
 #endif
   return simd_level::scalar;

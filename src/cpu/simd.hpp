@@ -10,7 +10,8 @@ namespace vattn::detail {
 enum class simd_level : int32_t { scalar = 0, avx2 = 1 };
 
 const char* simd_level_str(simd_level l);
-simd_level detected_simd_level();  // what this CPU supports (AVX2 needs FMA and F16C too)
+simd_level detected_simd_level();
+bool cpu_has_f16c();  // what this CPU supports (AVX2 needs FMA and F16C too)
 // The level in use: VATTN_SIMD if set (capped at what the CPU supports), else the detected one.
 // Read once per process.
 simd_level active_simd_level();
