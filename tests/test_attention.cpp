@@ -71,7 +71,9 @@ void expect_matches_reference(const config& cfg, batch& b, const std::string& wh
       continue;
     }
     ASSERT_EQ(st.n_sampled, int64_t(r.sample.size()));
-    if (!cfg.hub) EXPECT_EQ(st.b, st.n_sampled);
+    if (!cfg.hub) {
+      EXPECT_EQ(st.b, st.n_sampled);
+    }
     EXPECT_EQ(st.n, r.stats.n);
     EXPECT_EQ(st.n_s, r.stats.n_s);
     EXPECT_EQ(st.m, r.stats.m);
@@ -87,7 +89,9 @@ void expect_matches_reference(const config& cfg, batch& b, const std::string& wh
     for (size_t j = 0; j < r.sample.size(); ++j)
       ASSERT_EQ(idx[r.f.size() + j], r.sample[j]) << "sample position " << j;
     const size_t used = r.f.size() + r.sample.size();
-    if (int64_t(used) < n_max) EXPECT_EQ(idx[used], -7) << "indices written past n_f + n_sampled";
+    if (int64_t(used) < n_max) {
+      EXPECT_EQ(idx[used], -7) << "indices written past n_f + n_sampled";
+    }
     const float* o = b.out.data() + i * b.d;
     for (int32_t j = 0; j < b.d; ++j) ASSERT_TRUE(std::isfinite(o[j]));
     EXPECT_LT(test::nmse(o, r.out.data(), b.d), 1e-9);
@@ -235,7 +239,9 @@ void check_unbiased(synth::family fam, bool check_power) {
   const double mean = sum_d / trials, se = std::sqrt((sum_d2 / trials - mean * mean) / trials);
   EXPECT_GT(se, 0.0);
   EXPECT_LT(std::abs(mean - d_true), 4.5 * se) << "D mean " << mean << " true " << d_true;
-  if (check_power) EXPECT_GT(std::abs(1.01 * mean - d_true), 4.5 * 1.01 * se);
+  if (check_power) {
+    EXPECT_GT(std::abs(1.01 * mean - d_true), 4.5 * 1.01 * se);
+  }
   for (int j = 0; j < 16; ++j) {
     const double mn = sum_n[j] / trials;
     const double sn = std::sqrt((sum_n2[j] / trials - mn * mn) / trials);

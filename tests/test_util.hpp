@@ -99,7 +99,6 @@ inline batch make_batch(synth::family fam, const std::vector<int32_t>& lens, int
   b.seq_len = lens;
   b.page_size = layout == kv_layout::paged ? page_size : 0;
   const size_t es = dtype_size(type), row = size_t(n_head_kv) * d;
-  std::vector<int64_t> first_page;
   if (layout == kv_layout::contiguous) {
     b.n_rows = std::accumulate(lens.begin(), lens.end(), int64_t(0));
   } else {

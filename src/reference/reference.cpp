@@ -108,6 +108,20 @@ std::vector<int32_t> ranked_candidates(const group_data& g, int hh, const std::v
   return cand;
 }
 
+// Exact attention for one head: F is every token, nothing sampled. `share` heads split the
+// bytes read (a gqa_shared group reads each row once).
+void finish_dense_head(const group_data& g, int hh, head_result& r, int64_t es, size_t share,
+                       int32_t fallback) {
+  std::vector<double> w(g.n, 1.0);
+  estimate(g, hh, w, r);
+  r.f.resize(g.n);
+  std::iota(r.f.begin(), r.f.end(), 0);
+  r.stats.n_f = g.n;
+  r.stats.density = 1;
+  r.stats.bytes_kv = int64_t(2.0 * double(g.n) * g.d * double(es) / double(share));
+  r.stats.dense_fallback = fallback;
+}
+
 struct unit_ctx {
   const config& cfg;
   const run_args& a;
@@ -127,17 +141,8 @@ void run_unit(const unit_ctx& u, const group_data& g, const std::vector<int>& he
   std::vector<char> in_f(n, 0);
 
   auto finish_dense = [&]() {
-    for (size_t x = 0; x < heads.size(); ++x) {
-      head_result& r = *res[x];
-      std::vector<double> w(n, 1.0);
-      estimate(g, heads[x], w, r);
-      r.f.resize(n);
-      std::iota(r.f.begin(), r.f.end(), 0);
-      r.stats.n_f = n;
-      r.stats.density = 1;
-      r.stats.bytes_kv = int64_t(2 * n * row_bytes / double(heads.size()));
-      r.stats.dense_fallback = cfg.dense ? 0 : 1;
-    }
+    for (size_t x = 0; x < heads.size(); ++x)
+      finish_dense_head(g, heads[x], *res[x], u.es, heads.size(), cfg.dense ? 0 : 1);
   };
   if (st.dense) return finish_dense();
 
@@ -230,17 +235,7 @@ void run_hub_head(const unit_ctx& u, const group_data& g, int hh, head_result& r
   const int64_t n = g.n;
   stage_sizes st = resolve_stages(cfg, n);
   std::vector<char> in_f(n, 0);
-  if (st.dense) {
-    std::vector<double> w(n, 1.0);
-    estimate(g, hh, w, r);
-    r.f.resize(n);
-    std::iota(r.f.begin(), r.f.end(), 0);
-    r.stats.n_f = n;
-    r.stats.density = 1;
-    r.stats.bytes_kv = int64_t(2 * n) * g.d * u.es;
-    r.stats.dense_fallback = 1;
-    return;
-  }
+  if (st.dense) return finish_dense_head(g, hh, r, u.es, 1, 1);
   for (int64_t i = 0; i < st.n_sink; ++i) in_f[i] = 1;
   for (int64_t i = n - st.n_local; i < n; ++i) in_f[i] = 1;
   if (st.k > 0) {
