@@ -23,6 +23,27 @@ using vattn::test::small_config;
 
 namespace {
 
+plan_params params_for(const batch& b, int32_t threads) {
+  plan_params pp;
+  pp.n_seq_max = int32_t(b.seq_len.size());
+  pp.n_head_q = b.n_head_q;
+  pp.n_head_kv = b.n_head_kv;
+  pp.head_dim = b.d;
+  pp.n_tokens_max = b.n_max();
+  pp.kv_type = b.type;
+  pp.n_threads = threads;
+  return pp;
+}
+
+// The predictor index of an approximate predictor, brought up to the batch's lengths.
+std::unique_ptr<predictor_index> index_for(const config& cfg, const batch& b, run_args& a) {
+  if (cfg.pred == predictor::oracle) return nullptr;
+  auto ix = std::make_unique<predictor_index>(cfg, params_for(b, 2));
+  ix->update(a.kv);
+  a.index = ix.get();
+  return ix;
+}
+
 void run_cpu(const config& cfg, batch& b, run_args& a, int32_t threads) {
   plan_params pp;
   pp.n_seq_max = int32_t(b.seq_len.size());
@@ -55,6 +76,7 @@ bool near_tie(const reference::head_result& r, const int32_t* idx, int64_t n_f) 
 void expect_matches_reference(const config& cfg, batch& b, const std::string& what,
                               int32_t threads = 2) {
   run_args a = b.args(3);
+  const auto ix = index_for(cfg, b, a);
   run_cpu(cfg, b, a, threads);
   const std::vector<reference::head_result> ref = reference::run(cfg, a);
   ASSERT_TRUE(b.guards_intact()) << what;
@@ -162,6 +184,70 @@ TEST(CpuVsReference, PageSizesAndSeqIds) {
   }
 }
 
+// Approximate predictors: the same F (pages taken whole, signature ties by position), the same
+// sample and the same output as the reference fed by the same index.
+TEST(CpuVsReference, Predictors) {
+  const std::vector<std::string> preds = {
+      "predictor=pages,pred_page=1", "predictor=pages,pred_page=5", "predictor=pages,pred_page=16",
+      "predictor=signs,bits=32",     "predictor=signs,bits=64",     "predictor=signs,bits=128"};
+  int32_t seed = 30;
+  for (const std::string& pred : preds) {
+    for (const char* m : {"topk", "vattention"}) {
+      for (bool shared : {false, true}) {
+        for (kv_layout layout : {kv_layout::contiguous, kv_layout::paged}) {
+          config cfg = parse_config(pred, small_config(m));
+          cfg.gqa_shared = shared;
+          const dtype t = seed % 3 == 0 ? dtype::f32 : seed % 3 == 1 ? dtype::f16 : dtype::bf16;
+          batch b = make_batch(synth::family::heavy_hitters, {1, 13, 40, 513, 1025}, 4, 2, 24, t,
+                               layout, uint64_t(++seed), 16);
+          expect_matches_reference(cfg, b,
+                                   pred + " " + m + (shared ? " shared " : " ") + dtype_name(t));
+        }
+      }
+    }
+  }
+}
+
+// A predictor reads its index, not K: bytes fall well below the oracle's.
+TEST(Predictors, ReadFewerBytesThanOracle) {
+  batch b = make_batch(synth::family::heavy_hitters, {4000}, 4, 1, 64, dtype::bf16,
+                       kv_layout::contiguous, 5);
+  int64_t bytes[3] = {};
+  int i = 0;
+  for (const char* pred : {"predictor=oracle", "predictor=pages", "predictor=signs"}) {
+    config cfg = parse_config(pred, small_config("topk"));
+    run_args a = b.args();
+    const auto ix = index_for(cfg, b, a);
+    run_cpu(cfg, b, a, 2);
+    bytes[i++] = b.stats[0].bytes_kv;
+  }
+  EXPECT_LT(bytes[1], bytes[0] / 2);
+  EXPECT_LT(bytes[2], bytes[0] / 2);
+}
+
+TEST(Predictors, RunRejectsMissingOrStaleIndex) {
+  config cfg = parse_config("predictor=signs", small_config("vattention"));
+  batch b = make_batch(synth::family::uniform, {300, 200}, 2, 1, 16, dtype::f32,
+                       kv_layout::contiguous, 2);
+  run_args a = b.args();
+  auto msg = [&](const run_args& args) {
+    try {
+      run_cpu(cfg, b, const_cast<run_args&>(args), 1);
+    } catch (const error& e) {
+      return std::string(e.what());
+    }
+    return std::string("no error");
+  };
+  EXPECT_NE(msg(a).find("run_args.index is null"), std::string::npos);
+  const auto ix = index_for(cfg, b, a);
+  b.seq_len[1] = 150;  // the cache moved on without an update
+  EXPECT_NE(msg(a).find("slot 1 holds 200 tokens"), std::string::npos);
+  config pages = parse_config("predictor=pages", small_config("vattention"));
+  predictor_index other(pages, params_for(b, 1));
+  a.index = &other;
+  EXPECT_NE(msg(a).find("built for predictor=pages"), std::string::npos);
+}
+
 // Paged and contiguous storage of the same tokens give bit-identical results.
 TEST(Layouts, PagedEqualsContiguous) {
   config cfg = small_config("vattention");
@@ -178,8 +264,10 @@ TEST(Layouts, PagedEqualsContiguous) {
 
 // Results do not depend on the number of threads.
 TEST(Threads, IdenticalFor1_2_8) {
-  for (const char* m : {"vattention", "random", "hub"}) {
-    config cfg = small_config(m);
+  for (const char* m : {"vattention", "random", "hub", "dense", "signs"}) {
+    config cfg = std::string(m) == "signs"
+                     ? parse_config("predictor=signs", small_config("vattention"))
+                     : small_config(m);
     cfg.gqa_shared = std::string(m) == "random";
     std::vector<std::vector<float>> outs;
     std::vector<std::vector<int32_t>> idx;
@@ -187,6 +275,7 @@ TEST(Threads, IdenticalFor1_2_8) {
       batch b = make_batch(synth::family::uniform, {1000, 500, 64, 2000}, 8, 4, 32, dtype::f32,
                            kv_layout::contiguous, 3);
       run_args a = b.args(7);
+      const auto ix = index_for(cfg, b, a);
       run_cpu(cfg, b, a, t);
       outs.push_back(b.out);
       idx.push_back(b.indices);

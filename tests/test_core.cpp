@@ -269,5 +269,24 @@ TEST(Config, RejectsWithNamedArgument) {
   EXPECT_NE(msg("method=vattention,eps").find("key=value"), std::string::npos);
   EXPECT_NE(msg("sample=none").find("selects no token"), std::string::npos);
   EXPECT_NE(msg("method=hub,gqa_shared=1").find("gqa_shared"), std::string::npos);
-  EXPECT_NE(msg("method=vattention,predictor=quest").find("predictor"), std::string::npos);
+  EXPECT_NE(msg("method=vattention,predictor=lsh").find("predictor"), std::string::npos);
+  EXPECT_NE(msg("method=topp,predictor=pages").find("select=topk"), std::string::npos);
+  EXPECT_NE(msg("method=hub,predictor=signs").find("hub"), std::string::npos);
+  EXPECT_NE(msg("method=vattention,predictor=signs,bits=48").find("pred_bits"), std::string::npos);
+  EXPECT_NE(msg("method=vattention,predictor=signs,bits=512").find("pred_bits"), std::string::npos);
+  EXPECT_NE(msg("method=vattention,predictor=pages,pred_page=0").find("pred_page"),
+            std::string::npos);
+}
+
+TEST(Config, PredictorsParseAndRoundTrip) {
+  for (const char* text :
+       {"method=vattention,predictor=pages,pred_page=32", "method=topk,predictor=signs,bits=128",
+        "method=vattention,predictor=quest", "method=vattention,predictor=simhash,bits=32"}) {
+    const config c = parse_config(text);
+    EXPECT_NE(c.pred, predictor::oracle) << text;
+    EXPECT_EQ(parse_config(c.to_string()).to_string(), c.to_string()) << text;
+  }
+  EXPECT_EQ(parse_config("method=vattention,predictor=pages,pred_page=32").pred_page, 32);
+  EXPECT_EQ(parse_config("method=topk,predictor=signs,bits=128").pred_bits, 128);
+  EXPECT_STREQ(predictor_name(predictor::sign_bits), "signs");
 }

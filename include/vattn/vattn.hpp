@@ -42,9 +42,16 @@ enum class selector : int32_t {
   topk = 1,  // the k highest-scoring tokens outside sinks and local, as ranked by `predictor`
   topp = 2,  // smallest prefix (by score) of the remaining tokens that brings F's mass to top_p
 };
-// How top-k ranks tokens. Only exact scores are built into the core; approximate predictors
-// (page bounds, sign-bit signatures) plug in here.
-enum class predictor : int32_t { oracle = 0 };
+// How top-k ranks tokens. The approximate predictors read a small index kept beside the cache
+// (vattn::predictor_index) instead of every key.
+enum class predictor : int32_t {
+  oracle = 0,       // exact logits of every key: the quality ceiling, reads all of K
+  page_bounds = 1,  // Quest: per page of `pred_page` tokens the elementwise min and max of K; a
+                    // page scores the upper bound of q.k over it; the best pages enter F whole
+  sign_bits = 2,    // SimHash: `pred_bits` sign bits of random (or learned) projections of each
+                    // key; a token scores the bits its signature shares with the query's
+};
+const char* predictor_name(predictor p);  // "oracle", "pages", "signs"
 // How the residual R = [0, n) \ F enters the output.
 enum class sampling : int32_t {
   none = 0,        // R is dropped (pure top-k / top-p / sink+local baselines)
@@ -67,6 +74,8 @@ struct config {
   selector select = selector::none;
   predictor pred = predictor::oracle;
   count_or_fraction topk{};  // select == topk; a fraction is of all n tokens
+  int32_t pred_page = 16;    // page_bounds: tokens per bounds page, >= 1
+  int32_t pred_bits = 64;    // sign_bits: bits per signature, a multiple of 32 in [32, 256]
   double top_p = 0;          // select == topp, in (0, 1]
   sampling sample = sampling::none;
   double sample_rate = 0;              // fixed_rate, in (0, 1]
@@ -130,6 +139,43 @@ struct kv_cache {
   int64_t n_pages = 0;                  // pages the pool holds (bounds check)
 };
 
+// ---------------------------------------------------------------------------------------------
+// The index an approximate predictor keeps for one layer: one slot per sequence of the batch,
+// appended to as tokens are decoded (slot s follows sequence s of the kv_cache given to update).
+// Construction allocates for n_seq_max slots of n_tokens_max tokens; nothing else allocates.
+struct plan_params;  // below, with the plan
+class predictor_index {
+ public:
+  // cfg.pred must be page_bounds or sign_bits; params as for the plan that will use the index.
+  predictor_index(const config& cfg, const plan_params& params);
+  predictor_index(predictor_index&&) noexcept;
+  predictor_index& operator=(predictor_index&&) noexcept;
+  ~predictor_index();
+
+  // Learned sign-bit projections, f32 [n_head_kv, pred_bits, head_dim] row-major, in place of
+  // the random ones (drawn from cfg.seed). Clears every slot (their signatures are stale).
+  void set_projections(const float* w, size_t count);
+  // The same from a safetensors file holding "sign_projections" (f32, f16 or bf16).
+  void load_projections(const std::string& path);
+
+  // Brings each slot s < kv.n_seq up to kv.seq_len[s] tokens by appending the new ones; a slot
+  // that holds more tokens than seq_len (a new sequence took it) is rebuilt from token 0.
+  // Throws vattn::error on a cache that disagrees with the params or on non-finite keys.
+  void update(const kv_cache& kv);
+  void clear();  // every slot back to 0 tokens
+
+  int64_t tokens(int32_t slot) const;
+  size_t memory_bytes() const;
+  const config& cfg() const;
+  const plan_params& params() const;
+
+  struct impl;
+  const impl& data() const { return *impl_; }  // for the kernels
+
+ private:
+  impl* impl_ = nullptr;
+};
+
 // Statistics of one (sequence, query head); SPEC section 5.
 struct head_stats {
   int64_t n = 0;    // tokens in the cache
@@ -152,6 +198,13 @@ struct head_stats {
   int32_t dense_fallback = 0;  // 1 when n was too short for sparsity and attention ran dense
 };
 
+// Where run's time went, in thread-seconds summed over threads (for benchmarks; measuring costs a
+// clock read per phase and unit).
+struct run_profile {
+  double select_s = 0;  // predictor or oracle scoring, selection, budget and sampling
+  double attend_s = 0;  // reading the chosen K/V rows and forming the output
+};
+
 struct run_args {
   int32_t n_head_q = 0;      // query heads per sequence, a multiple of kv.n_head_kv
   const float* q = nullptr;  // [n_seq, n_head_q, head_dim], packed
@@ -165,6 +218,10 @@ struct run_args {
   int32_t* indices = nullptr;
   uint64_t step = 0;                // decode step, part of the sampling key
   const int64_t* seq_id = nullptr;  // optional [n_seq] sampling-key ids (default: batch index)
+  // Required when the config's predictor is not oracle: an index built with the same config
+  // and head shapes whose slot s holds exactly kv.seq_len[s] tokens (call update first).
+  const predictor_index* index = nullptr;
+  run_profile* profile = nullptr;  // optional: added to (not reset) by run
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -194,6 +251,7 @@ class plan {
   config cfg_;
   plan_params params_;
   size_t ws_per_thread_ = 0;
+  size_t ws_shared_ = 0;  // sequence offsets and dense split-KV states, before the threads'
   size_t ws_bytes_ = 0;
 };
 

@@ -27,6 +27,18 @@ const char* budget_mode_name(budget_mode m) {
   return "?";
 }
 
+const char* predictor_name(predictor p) {
+  switch (p) {
+    case predictor::oracle:
+      return "oracle";
+    case predictor::page_bounds:
+      return "pages";
+    case predictor::sign_bits:
+      return "signs";
+  }
+  return "?";
+}
+
 namespace {
 
 [[noreturn]] void fail(const std::string& msg) {
@@ -95,8 +107,23 @@ void config::validate() const {
     default:
       fail("select has an unknown value " + std::to_string(int(select)));
   }
-  if (pred != predictor::oracle)
-    fail("predictor has an unknown value " + std::to_string(int(pred)));
+  switch (pred) {
+    case predictor::oracle:
+      break;
+    case predictor::page_bounds:
+    case predictor::sign_bits:
+      if (select != selector::topk)
+        fail(std::string("predictor=") + predictor_name(pred) +
+             " ranks tokens for top-k only: set select=topk (top-p needs exact masses)");
+      if (hub) fail("hub=1 supports predictor=oracle only");
+      break;
+    default:
+      fail("predictor has an unknown value " + std::to_string(int(pred)));
+  }
+  if (pred_page < 1 || pred_page > (1 << 20))
+    fail("pred_page must be in [1, 2^20] tokens, got " + std::to_string(pred_page));
+  if (pred_bits < 32 || pred_bits > 256 || pred_bits % 32 != 0)
+    fail("pred_bits must be a multiple of 32 in [32, 256], got " + std::to_string(pred_bits));
   switch (sample) {
     case sampling::none:
       break;
@@ -137,7 +164,9 @@ std::string config::to_string() const {
       s += ",select=none";
       break;
     case selector::topk:
-      s += ",select=topk,topk=" + fmt_size(topk) + ",predictor=oracle";
+      s += ",select=topk,topk=" + fmt_size(topk) + ",predictor=" + predictor_name(pred);
+      if (pred == predictor::page_bounds) s += ",pred_page=" + std::to_string(pred_page);
+      if (pred == predictor::sign_bits) s += ",pred_bits=" + std::to_string(pred_bits);
       break;
     case selector::topp:
       s += ",select=topp,top_p=" + fmt_double(top_p);
@@ -266,8 +295,22 @@ config parse_config(std::string_view text, const config& base) {
       c.top_p = parse_number(k, v);
       c.select = selector::topp, c.topk = {};
     } else if (k == "predictor") {
-      if (v != "oracle") fail("predictor must be oracle, got '" + std::string(v) + "'");
-      c.pred = predictor::oracle;
+      if (v == "oracle")
+        c.pred = predictor::oracle;
+      else if (v == "pages" || v == "page_bounds" || v == "quest")
+        c.pred = predictor::page_bounds;
+      else if (v == "signs" || v == "sign_bits" || v == "simhash")
+        c.pred = predictor::sign_bits;
+      else
+        fail("predictor must be oracle, pages or signs, got '" + std::string(v) + "'");
+    } else if (k == "pred_page") {
+      const uint64_t x = parse_u64(k, v);
+      if (x < 1 || x > (1u << 20)) fail("pred_page must be in [1, 2^20] tokens");
+      c.pred_page = int32_t(x);
+    } else if (k == "pred_bits" || k == "bits") {
+      const uint64_t x = parse_u64(k, v);
+      if (x > 256) fail("pred_bits must be a multiple of 32 in [32, 256]");
+      c.pred_bits = int32_t(x);
     } else if (k == "sample") {
       if (v == "none")
         c.sample = sampling::none, c.sample_rate = 0;
@@ -312,7 +355,8 @@ config parse_config(std::string_view text, const config& base) {
       c.layer = int32_t(l);
     } else {
       fail("unknown key '" + std::string(k) +
-           "' (known: method, dense, sink, local, select, topk, top_p, predictor, sample, "
+           "' (known: method, dense, sink, local, select, topk, top_p, predictor, pred_page, "
+           "pred_bits, sample, "
            "sample_rate, base, mode, eps, delta, gqa_shared, hub, scale, seed, layer)");
     }
   }

@@ -33,14 +33,10 @@ void validate_plan_params(const plan_params& p) {
     fail("plan_params.kv_type has an unknown value " + str(int(p.kv_type)));
 }
 
-void validate_run_args(const plan_params& p, const run_args& a, int64_t* row0, bool needs_out) {
-  if (a.n_head_q != p.n_head_q)
-    fail("run_args.n_head_q is " + str(a.n_head_q) + " but the plan expects " + str(p.n_head_q));
-  if (!a.q) fail("run_args.q is null (expected [n_seq, n_head_q, head_dim] f32)");
-  if (needs_out && !a.out) fail("run_args.out is null (expected [n_seq, n_head_q, head_dim] f32)");
-  const kv_cache kv = with_default_strides(a.kv);
+void validate_kv_cache(const plan_params& p, const kv_cache& kv_in, int64_t* row0, bool needs_v) {
+  const kv_cache kv = with_default_strides(kv_in);
   if (!kv.k) fail("kv.k is null");
-  if (!kv.v) fail("kv.v is null");
+  if (needs_v && !kv.v) fail("kv.v is null");
   if (kv.type != p.kv_type)
     fail(std::string("kv.type is ") + dtype_name(kv.type) + " but the plan was made for " +
          dtype_name(p.kv_type));
@@ -94,6 +90,15 @@ void validate_run_args(const plan_params& p, const run_args& a, int64_t* row0, b
   } else {
     fail("kv.layout has an unknown value " + str(int(kv.layout)));
   }
+}
+
+void validate_run_args(const plan_params& p, const run_args& a, int64_t* row0, bool needs_out) {
+  if (a.n_head_q != p.n_head_q)
+    fail("run_args.n_head_q is " + str(a.n_head_q) + " but the plan expects " + str(p.n_head_q));
+  if (!a.q) fail("run_args.q is null (expected [n_seq, n_head_q, head_dim] f32)");
+  if (needs_out && !a.out) fail("run_args.out is null (expected [n_seq, n_head_q, head_dim] f32)");
+  validate_kv_cache(p, a.kv, row0);
+  const kv_cache& kv = a.kv;
   const int64_t nq = int64_t(kv.n_seq) * p.n_head_q * p.head_dim;
   for (int64_t i = 0; i < nq; ++i) {
     if (!std::isfinite(a.q[i])) {
@@ -102,6 +107,32 @@ void validate_run_args(const plan_params& p, const run_args& a, int64_t* row0, b
       fail("q contains NaN/Inf at seq " + str(s) + ", head " + str(h) + ", dim " + str(d));
     }
   }
+}
+
+void validate_index(const config& cfg, const plan_params& p, const run_args& a) {
+  if (cfg.pred == predictor::oracle) return;
+  const predictor_index* ix = a.index;
+  if (!ix)
+    throw error(std::string("run_args.index is null: predictor=") + predictor_name(cfg.pred) +
+                " needs a predictor_index built with update(kv)");
+  const config& ic = ix->cfg();
+  const plan_params& ip = ix->params();
+  if (ic.pred != cfg.pred || ic.pred_page != cfg.pred_page || ic.pred_bits != cfg.pred_bits)
+    throw error(std::string("run_args.index was built for predictor=") + predictor_name(ic.pred) +
+                " (pred_page " + std::to_string(ic.pred_page) + ", pred_bits " +
+                std::to_string(ic.pred_bits) + "), the plan uses predictor=" +
+                predictor_name(cfg.pred) + " (pred_page " + std::to_string(cfg.pred_page) +
+                ", pred_bits " + std::to_string(cfg.pred_bits) + ")");
+  if (ip.n_head_kv != p.n_head_kv || ip.head_dim != p.head_dim || ip.kv_type != p.kv_type)
+    throw error("run_args.index: its n_head_kv, head_dim or kv_type differ from the plan's");
+  if (a.kv.n_seq > ip.n_seq_max)
+    throw error("run_args.index holds " + std::to_string(ip.n_seq_max) + " slots, kv.n_seq is " +
+                std::to_string(a.kv.n_seq));
+  for (int32_t s = 0; s < a.kv.n_seq; ++s)
+    if (ix->tokens(s) != a.kv.seq_len[s])
+      throw error("run_args.index: slot " + std::to_string(s) + " holds " +
+                  std::to_string(ix->tokens(s)) + " tokens, kv.seq_len[" + std::to_string(s) +
+                  "] is " + std::to_string(a.kv.seq_len[s]) + " (call index.update(kv) first)");
 }
 
 }  // namespace vattn::detail

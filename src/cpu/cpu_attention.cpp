@@ -2,16 +2,20 @@
 // preallocated workspace per thread, float row kernels and double-precision budget statistics.
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <cmath>
 #include <cstdio>
 #include <cstring>
 #include <string>
+#include <vector>
 
 #include "core/budget.hpp"
 #include "core/dtype.hpp"
 #include "core/kv_access.hpp"
 #include "core/sampler.hpp"
 #include "core/validate.hpp"
+#include "cpu/gqa_kernels.hpp"
+#include "cpu/predictors.hpp"
 #include "cpu/row_kernels.hpp"
 #include "cpu/simd.hpp"
 #include "vattn/vattn.hpp"
@@ -31,14 +35,24 @@ size_t align_up(size_t x) {
   return (x + k_align - 1) / k_align * k_align;
 }
 
+// Tokens per split-KV chunk of the dense path: fixed (not derived from the thread count), so
+// every thread count gives the same partial states and the same merged output.
+constexpr int64_t k_dense_chunk = 1024;
+// Rows per f32 block of a weighted V sum before it is added into the double accumulators.
+constexpr int64_t k_flush = 512;
+
 // Per-thread scratch carved out of the caller's workspace.
 struct scratch {
   float* logits;    // [group, n_max] logits of every head of a unit, indexed by token
+  float* cl;        // [group, n_max] logits, then weights, of the listed rows (F, then sample)
   uint8_t* flags;   // [n_max] 1: in F; 2: drawn (hub)
   int32_t* cand;    // [n_max] top-k / top-p candidates
   int32_t* f;       // [n_max] F ascending
   int32_t* sample;  // [n_max] sampled tokens in draw order
-  double* acc;      // [group, acc_stride] accumulators (see head_acc)
+  int64_t* off;     // [n_max] element offsets of the listed rows
+  double* acc;      // [4, group, d] accumulators (see head_acc)
+  float* facc;      // [group, d] f32 block sums
+  float* qs;        // [group, d] scaled queries
 };
 
 // Accumulators of one head: F sums, sample sums and the base-sample moments.
@@ -50,41 +64,46 @@ struct head_acc {
   double d_f, s_e, s_ee;
   float c;  // stabiliser the sums are in
 };
-size_t acc_stride(int32_t d) {
-  return size_t(4) * d;
-}
 
 struct layout_sizes {
-  size_t logits, flags, ints, acc, total;
+  size_t logits, flags, ints, offs, acc, facc, total;
 };
 layout_sizes scratch_sizes(int64_t n_max, int32_t group, int32_t d) {
   layout_sizes s;
-  s.logits = align_up(sizeof(float) * size_t(n_max) * group);
-  s.flags = align_up(size_t(n_max));
-  s.ints = align_up(sizeof(int32_t) * size_t(n_max));
-  s.acc = align_up(sizeof(double) * acc_stride(d) * group);
-  s.total = s.logits + s.flags + 3 * s.ints + s.acc;
+  const int64_t rows = std::max(n_max, k_dense_chunk);
+  s.logits = align_up(sizeof(float) * size_t(rows) * group);
+  s.flags = align_up(size_t(rows));
+  s.ints = align_up(sizeof(int32_t) * size_t(rows));
+  s.offs = align_up(sizeof(int64_t) * size_t(rows));
+  s.acc = align_up(sizeof(double) * 4 * size_t(d) * group);
+  s.facc = align_up(sizeof(float) * (size_t(d) + 1) * group);
+  s.total = 2 * s.logits + s.flags + 3 * s.ints + s.offs + s.acc + 2 * s.facc;
   return s;
 }
 
 scratch carve(uint8_t* base, const layout_sizes& s) {
   scratch w;
-  w.logits = reinterpret_cast<float*>(base);
-  base += s.logits;
-  w.flags = base;
-  base += s.flags;
-  w.cand = reinterpret_cast<int32_t*>(base);
-  base += s.ints;
-  w.f = reinterpret_cast<int32_t*>(base);
-  base += s.ints;
-  w.sample = reinterpret_cast<int32_t*>(base);
-  base += s.ints;
-  w.acc = reinterpret_cast<double*>(base);
+  auto take = [&base](size_t bytes) {
+    uint8_t* p = base;
+    base += bytes;
+    return p;
+  };
+  w.logits = reinterpret_cast<float*>(take(s.logits));
+  w.cl = reinterpret_cast<float*>(take(s.logits));
+  w.flags = take(s.flags);
+  w.cand = reinterpret_cast<int32_t*>(take(s.ints));
+  w.f = reinterpret_cast<int32_t*>(take(s.ints));
+  w.sample = reinterpret_cast<int32_t*>(take(s.ints));
+  w.off = reinterpret_cast<int64_t*>(take(s.offs));
+  w.acc = reinterpret_cast<double*>(take(s.acc));
+  w.facc = reinterpret_cast<float*>(take(s.facc));
+  w.qs = reinterpret_cast<float*>(take(s.facc));
   return w;
 }
 
 int32_t unit_group(const config& cfg, const plan_params& p) {
-  return cfg.gqa_shared ? p.n_head_q / p.n_head_kv : 1;
+  // Dense attention always packs a kv group: one row read serves every head.
+  return cfg.gqa_shared || cfg.dense ? p.n_head_q / p.n_head_kv : 1;
 }
 
 // Everything a unit needs that does not change across units of one run.
@@ -95,6 +114,74 @@ struct run_ctx {
   const kv_cache& kv;
   const int64_t* row0;
   float scale;
+  float* partials;  // dense: [n_seq, n_head_q, chunks, head_dim + 2] split-KV states
+  int64_t chunks_max;
+};
+
+using clock_type = std::chrono::steady_clock;
+double seconds_since(clock_type::time_point t0) {
+  return std::chrono::duration<double>(clock_type::now() - t0).count();
+}
+
+[[noreturn]] void fail_at(const std::string& msg) {
+  throw error(msg);
+}
+
+// The rows one unit reads, with the kernels of the SIMD level in use.
+template <dtype T>
+class row_source {
+ public:
+  using elem = typename storage<T>::type;
+  row_source(const run_ctx& c, int32_t s, int32_t kvh)
+      : c_(c), ops_(gqa_ops_for<T>(active_simd_level())), s_(s), kvh_(kvh) {}
+  int64_t offset(int64_t t) const { return row_offset(c_.kv, c_.row0[s_], s_, t, kvh_); }
+  const elem* k() const { return static_cast<const elem*>(c_.kv.k); }
+  const elem* v() const { return static_cast<const elem*>(c_.kv.v); }
+  const gqa_ops<T>& ops() const { return ops_; }
+
+  // Logits of the listed rows for G heads; rejects non-finite ones, naming the token.
+  void logits(const float* qs, int32_t G, int32_t d, const int64_t* off, const int32_t* tok,
+              int64_t cnt, float* out, int64_t ld) const {
+    ops_.logits(qs, G, d, k(), off, cnt, out, ld);
+    for (int32_t g = 0; g < G; ++g)
+      for (int64_t i = 0; i < cnt; ++i)
+        if (!std::isfinite(out[g * ld + i]))
+          fail_at("k contains NaN/Inf (or q.k overflows) at seq " + std::to_string(s_) +
+                  ", token " + std::to_string(tok ? tok[i] : i) + ", kv head " +
+                  std::to_string(kvh_));
+  }
+
+  // acc[g, :] += sum_i w[g, i] v_i in f32 blocks of k_flush rows added into double.
+  void wsum(const float* w, int64_t ldw, int32_t G, int32_t d, const int64_t* off, int64_t cnt,
+            float* facc, double* acc, int64_t ld_acc) const {
+    for (int64_t i0 = 0; i0 < cnt; i0 += k_flush) {
+      std::fill(facc, facc + int64_t(G) * d, 0.0f);
+      ops_.wsum(w + i0, ldw, G, d, v(), off + i0, std::min(k_flush, cnt - i0), facc);
+      for (int32_t g = 0; g < G; ++g)
+        for (int32_t j = 0; j < d; ++j) acc[g * ld_acc + j] += double(facc[g * d + j]);
+    }
+  }
+
+  // A non-finite output comes from a V row read for it: name the first one.
+  [[noreturn]] void report_bad_v(int32_t d, const int32_t* a, int64_t na, const int32_t* b,
+                                 int64_t nb) const {
+    auto check = [&](int64_t t) {
+      const elem* r = v() + offset(t);
+      for (int32_t j = 0; j < d; ++j)
+        if (!std::isfinite(storage<T>::load(r[j])))
+          fail_at("v contains NaN/Inf at seq " + std::to_string(s_) + ", token " +
+                  std::to_string(t) + ", kv head " + std::to_string(kvh_));
+    };
+    for (int64_t i = 0; i < na; ++i) check(a ? a[i] : i);
+    for (int64_t i = 0; i < nb; ++i) check(b[i]);
+    fail_at("attention output overflowed at seq " + std::to_string(s_) + ", kv head " +
+            std::to_string(kvh_) + " (V values too large for f32)");
+  }
+
+ private:
+  const run_ctx& c_;
+  const gqa_ops<T>& ops_;
+  int32_t s_, kvh_;
 };
 
 template <dtype T>
@@ -103,28 +190,36 @@ class unit_runner {
 
  public:
   unit_runner(const run_ctx& ctx, scratch ws, int32_t s, int32_t first_head, int32_t n_heads)
-      : c_(ctx), ws_(ws), s_(s), h0_(first_head), g_(n_heads) {
-    kvh_ = first_head / (ctx.p.n_head_q / ctx.p.n_head_kv);
+      : c_(ctx),
+        ws_(ws),
+        s_(s),
+        h0_(first_head),
+        g_(n_heads),
+        kvh_(first_head / (ctx.p.n_head_q / ctx.p.n_head_kv)),
+        src_(ctx, s, kvh_) {
     n_ = ctx.kv.seq_len[s];
     d_ = ctx.p.head_dim;
     n_max_ = ctx.p.n_tokens_max;
+    for (int32_t x = 0; x < g_; ++x)
+      for (int32_t j = 0; j < d_; ++j) ws_.qs[x * d_ + j] = q(x)[j] * ctx.scale;
   }
 
-  void run() {
+  void run(run_profile& prof) {
     const config& cfg = c_.cfg;
+    auto t0 = clock_type::now();
     stage_sizes st = resolve_stages(cfg, n_);
-    const bool need_all = st.dense || cfg.select != selector::none || cfg.hub;
-    if (need_all)
-      for (int32_t x = 0; x < g_; ++x)
-        for (int64_t t = 0; t < n_; ++t) logit(x, t);
     if (st.dense) return run_dense(cfg.dense ? 0 : 1);
+    const bool oracle = cfg.select != selector::none && cfg.pred == predictor::oracle;
+    if (oracle || cfg.hub) all_logits();
     if (cfg.hub) return run_hub(st);
 
     uint8_t* flags = ws_.flags;
     std::memset(flags, 0, size_t(n_));
     for (int64_t i = 0; i < st.n_sink; ++i) flags[i] = 1;
     for (int64_t i = n_ - st.n_local; i < n_; ++i) flags[i] = 1;
-    if (cfg.select == selector::topk) select_topk(st);
+    int64_t pred_bytes = 0;
+    if (cfg.select == selector::topk && oracle) select_topk(st);
+    if (cfg.select == selector::topk && !oracle) pred_bytes = select_predicted(st);
     if (cfg.select == selector::topp) select_topp(st);
     int64_t n_f = 0, n_s = 0;
     for (int64_t i = 0; i < n_; ++i) {
@@ -133,12 +228,8 @@ class unit_runner {
       else
         ++n_s;
     }
-    if (n_s < 2) {
-      if (!need_all)
-        for (int32_t x = 0; x < g_; ++x)
-          for (int64_t t = 0; t < n_; ++t) logit(x, t);
-      return run_dense(1);
-    }
+    if (n_s < 2) return run_dense(1);
+    listed_f_ = n_f;
 
     const int32_t key_head = cfg.gqa_shared ? kvh_ : h0_;
     const int64_t seq_key = c_.a.seq_id ? c_.a.seq_id[s_] : s_;
@@ -148,15 +239,31 @@ class unit_runner {
     if (cfg.sample == sampling::fixed_rate) m0 = fixed_rate_sample_size(cfg, n_s);
     if (cfg.sample == sampling::adaptive) m0 = base_sample_size(cfg, n_s);
     for (int64_t j = 0; j < m0; ++j) ws_.sample[j] = int32_t(walk.next(in_f));
+    prof.select_s += seconds_since(t0);
+    t0 = clock_type::now();
 
     // Phase 1: F and the first m0 draws, with moments, in one stabiliser per head.
+    list_rows(0, ws_.f, n_f);
+    list_rows(n_f, ws_.sample, m0);
+    list_logits(0, n_f + m0);
+    for (int32_t x = 0; x < g_; ++x) bind_acc(x);
+    weigh(n_f, m0);
+    src_.wsum(ws_.cl, n_max_, g_, d_, ws_.off, n_f, ws_.facc, ws_.acc, d_);
+    for (int32_t x = 0; x < g_; ++x) {
+      const float* e = ws_.cl + x * n_max_ + n_f;
+      head_acc& A = acc_[x];
+      for (int64_t j = 0; j < m0; ++j) A.s_e += double(e[j]), A.s_ee += double(e[j]) * e[j];
+    }
+    src_.ops().moments(ws_.cl + n_f, n_max_, g_, d_, src_.v(), ws_.off + n_f, m0, acc_[0].s_ev,
+                       acc_[0].s_evev, acc_[0].s_eev);
+    prof.attend_s += seconds_since(t0);
+    t0 = clock_type::now();
+
     int64_t b = m0;
     double est[256];
     for (int32_t x = 0; x < g_; ++x) {
-      bind_acc(x);
-      accumulate_base(x, n_f, m0);
       if (m0 >= 2) {
-        base_moments bm = moments(acc_[x], n_f, n_s, m0);
+        base_moments bm = moments(acc_[x], n_s, m0);
         if (cfg.sample == sampling::adaptive) {
           b = std::max(b, compute_budget(cfg.mode, cfg.eps, cfg.delta, bm).b);
           moments_[x] = bm;
@@ -167,19 +274,18 @@ class unit_runner {
         est[x] = -1;
       }
     }
-    if (cfg.sample == sampling::adaptive) {
-      // Phase 2: extend the sample to b (nested: the base draws are its prefix).
-      for (int64_t j = m0; j < b; ++j) ws_.sample[j] = int32_t(walk.next(in_f));
-      for (int32_t x = 0; x < g_; ++x) {
-        extend(x, m0, b);
+    // Phase 2: extend the sample to b (nested: the base draws are its prefix).
+    for (int64_t j = m0; j < b; ++j) ws_.sample[j] = int32_t(walk.next(in_f));
+    prof.select_s += seconds_since(t0);
+    t0 = clock_type::now();
+    if (b > m0) extend(n_f, m0, b);
+    if (cfg.sample == sampling::adaptive)
+      for (int32_t x = 0; x < g_; ++x)
         est[x] = estimated_rel_error(cfg.mode, cfg.delta, moments_[x], b);
-      }
-    }
 
-    const bool reads_all_k = cfg.select != selector::none;
     const double row_bytes = double(d_) * double(sizeof(elem));
-    const double k_rows = reads_all_k ? double(n_) : double(n_f + b);
-    const int64_t bytes = int64_t((k_rows + double(n_f + b)) * row_bytes / double(g_));
+    const double k_rows = oracle ? double(n_) : double(n_f + b);
+    const int64_t bytes = int64_t((k_rows + double(n_f + b)) * row_bytes / double(g_)) + pred_bytes;
     for (int32_t x = 0; x < g_; ++x) {
       const head_acc& A = acc_[x];
       const double w = b > 0 ? double(n_s) / double(b) : 0.0;
@@ -196,66 +302,80 @@ class unit_runner {
       hs.bytes_kv = bytes;
       emit(x, hs, n_f, b);
     }
+    prof.attend_s += seconds_since(t0);
   }
 
  private:
   const float* q(int32_t x) const { return c_.a.q + (int64_t(s_) * c_.p.n_head_q + h0_ + x) * d_; }
-  const elem* krow(int64_t t) const {
-    return static_cast<const elem*>(c_.kv.k) + row_offset(c_.kv, c_.row0[s_], s_, t, kvh_);
-  }
-  const elem* vrow(int64_t t) const {
-    return static_cast<const elem*>(c_.kv.v) + row_offset(c_.kv, c_.row0[s_], s_, t, kvh_);
-  }
   float& lg(int32_t x, int64_t t) { return ws_.logits[int64_t(x) * n_max_ + t]; }
+  float* cl(int32_t x) { return ws_.cl + int64_t(x) * n_max_; }
 
-  // Computes and stores the logit of token t for head x; rejects non-finite values.
-  float logit(int32_t x, int64_t t) {
-    float l = c_.scale * dot_(q(x), krow(t), d_);
-    if (!std::isfinite(l))
-      fail_at("k contains NaN/Inf (or q.k overflows) at seq " + std::to_string(s_) + ", token " +
-              std::to_string(t) + ", kv head " + std::to_string(kvh_));
-    lg(x, t) = l;
-    return l;
+  // Logits of every token for every head of the unit (oracle selection, hub, dense).
+  void all_logits() {
+    for (int64_t t0 = 0; t0 < n_; t0 += k_dense_chunk) {
+      const int64_t cnt = std::min(k_dense_chunk, n_ - t0);
+      for (int64_t i = 0; i < cnt; ++i)
+        ws_.off[i] = src_.offset(t0 + i), ws_.f[i] = int32_t(t0 + i);
+      src_.logits(ws_.qs, g_, d_, ws_.off, ws_.f, cnt, ws_.logits + t0, n_max_);
+    }
   }
 
-  [[noreturn]] void fail_at(const std::string& msg) { throw error(msg); }
+  void list_rows(int64_t at, const int32_t* tok, int64_t cnt) {
+    for (int64_t i = 0; i < cnt; ++i) ws_.off[at + i] = src_.offset(tok[i]);
+  }
+  const int32_t* list_token_ptr(int64_t at, int64_t n_f) const {
+    return at < n_f ? ws_.f + at : ws_.sample + (at - n_f);
+  }
+
+  // Logits of listed rows [at, at + cnt): copied when every logit is known, else computed.
+  void list_logits(int64_t at, int64_t cnt) {
+    const bool have = c_.cfg.select != selector::none && c_.cfg.pred == predictor::oracle;
+    if (!have) {
+      // F rows and sample rows carry their tokens in two arrays; compute each part.
+      const int64_t n_f = listed_f_;
+      if (at < n_f) {
+        const int64_t c1 = std::min(cnt, n_f - at);
+        src_.logits(ws_.qs, g_, d_, ws_.off + at, ws_.f + at, c1, ws_.cl + at, n_max_);
+        at += c1, cnt -= c1;
+      }
+      if (cnt > 0)
+        src_.logits(ws_.qs, g_, d_, ws_.off + at, ws_.sample + (at - n_f), cnt, ws_.cl + at,
+                    n_max_);
+      return;
+    }
+    for (int32_t x = 0; x < g_; ++x)
+      for (int64_t i = at; i < at + cnt; ++i) cl(x)[i] = lg(x, *list_token_ptr(i, listed_f_));
+  }
 
   void bind_acc(int32_t x) {
-    double* base = ws_.acc + acc_stride(d_) * x;
+    const int64_t gd = int64_t(g_) * d_;
     head_acc& A = acc_[x];
-    A.n_f = base;
-    A.s_ev = base + d_;
-    A.s_evev = base + 2 * d_;
-    A.s_eev = base + 3 * d_;
-    std::fill(base, base + acc_stride(d_), 0.0);
+    A.n_f = ws_.acc + x * d_;
+    A.s_ev = ws_.acc + gd + x * d_;
+    A.s_evev = ws_.acc + 2 * gd + x * d_;
+    A.s_eev = ws_.acc + 3 * gd + x * d_;
+    std::fill(A.n_f, A.n_f + d_, 0.0);
+    std::fill(A.s_ev, A.s_ev + d_, 0.0);
+    std::fill(A.s_evev, A.s_evev + d_, 0.0);
+    std::fill(A.s_eev, A.s_eev + d_, 0.0);
     A.d_f = A.s_e = A.s_ee = 0;
   }
 
-  // F and the first m0 draws: stabiliser over both, then sums and second moments.
-  void accumulate_base(int32_t x, int64_t n_f, int64_t m0) {
-    const bool have = c_.cfg.select != selector::none;  // logits of every token are stored
-    float c = -INFINITY;
-    for (int64_t i = 0; i < n_f; ++i) c = std::max(c, have ? lg(x, ws_.f[i]) : logit(x, ws_.f[i]));
-    for (int64_t j = 0; j < m0; ++j)
-      c = std::max(c, have ? lg(x, ws_.sample[j]) : logit(x, ws_.sample[j]));
-    head_acc& A = acc_[x];
-    A.c = c;
-    for (int64_t i = 0; i < n_f; ++i) {
-      const int32_t t = ws_.f[i];
-      const double e = std::exp(double(lg(x, t) - c));
-      A.d_f += e;
-      row_axpy<T>(e, vrow(t), d_, A.n_f);
-    }
-    for (int64_t j = 0; j < m0; ++j) {
-      const int32_t t = ws_.sample[j];
-      const double e = std::exp(double(lg(x, t) - c));
-      A.s_e += e;
-      A.s_ee += e * e;
-      row_moments<T>(e, vrow(t), d_, A.s_ev, A.s_evev, A.s_eev);
+  // Stabiliser over F and the base draws per head, then the weights e = exp(l - c) in place.
+  void weigh(int64_t n_f, int64_t m0) {
+    for (int32_t x = 0; x < g_; ++x) {
+      float* l = cl(x);
+      float c = -INFINITY;
+      for (int64_t i = 0; i < n_f + m0; ++i) c = std::max(c, l[i]);
+      for (int64_t i = 0; i < n_f + m0; ++i) l[i] -= c;
+      exp_inplace(active_simd_level(), l, n_f + m0);
+      head_acc& A = acc_[x];
+      A.c = c;
+      for (int64_t i = 0; i < n_f; ++i) A.d_f += double(l[i]);
     }
   }
 
-  base_moments moments(const head_acc& A, int64_t n_f, int64_t n_s, int64_t m) const {
+  base_moments moments(const head_acc& A, int64_t n_s, int64_t m) const {
     base_moments mm;
     mm.n_s = n_s;
     mm.m = m;
@@ -279,28 +399,31 @@ class unit_runner {
     return mm;
   }
 
-  // Adds draws [m0, b) to head x's sample sums, rescaling if a larger logit appears.
-  void extend(int32_t x, int64_t m0, int64_t b) {
-    const bool have = c_.cfg.select != selector::none;
-    head_acc& A = acc_[x];
-    float c = A.c;
-    for (int64_t j = m0; j < b; ++j)
-      c = std::max(c, have ? lg(x, ws_.sample[j]) : logit(x, ws_.sample[j]));
-    // The second-moment sums (s_ee, s_evev, s_eev) are not rescaled: they served the budget,
-    // which is fixed by now.
-    if (c > A.c) {  // keep one stabiliser for every term of the row
-      const double r = std::exp(double(A.c - c));
-      A.d_f *= r;
-      A.s_e *= r;
-      for (int32_t j = 0; j < d_; ++j) A.n_f[j] *= r, A.s_ev[j] *= r;
-      A.c = c;
+  // Adds draws [m0, b) to each head's sample sums, rescaling if a larger logit appears.
+  void extend(int64_t n_f, int64_t m0, int64_t b) {
+    const int64_t at = n_f + m0, cnt = b - m0;
+    list_rows(at, ws_.sample + m0, cnt);
+    list_logits(at, cnt);
+    for (int32_t x = 0; x < g_; ++x) {
+      head_acc& A = acc_[x];
+      float* l = cl(x) + at;
+      float c = A.c;
+      for (int64_t i = 0; i < cnt; ++i) c = std::max(c, l[i]);
+      // The second-moment sums (s_ee, s_evev, s_eev) are not rescaled: they served the budget,
+      // which is fixed by now.
+      if (c > A.c) {  // keep one stabiliser for every term of the row
+        const double r = std::exp(double(A.c - c));
+        A.d_f *= r;
+        A.s_e *= r;
+        for (int32_t j = 0; j < d_; ++j) A.n_f[j] *= r, A.s_ev[j] *= r;
+        A.c = c;
+      }
+      for (int64_t i = 0; i < cnt; ++i) l[i] -= c;
+      exp_inplace(active_simd_level(), l, cnt);
+      for (int64_t i = 0; i < cnt; ++i) A.s_e += double(l[i]);
     }
-    for (int64_t j = m0; j < b; ++j) {
-      const int32_t t = ws_.sample[j];
-      const double e = std::exp(double(lg(x, t) - c));
-      A.s_e += e;
-      row_axpy<T>(e, vrow(t), d_, A.s_ev);
-    }
+    src_.wsum(ws_.cl + at, n_max_, g_, d_, ws_.off + at, cnt, ws_.facc, ws_.acc + int64_t(g_) * d_,
+              d_);
   }
 
   void write_output(int32_t x, double d_total, const double* n_f, const double* s_ev, double w,
@@ -312,22 +435,7 @@ class unit_runner {
       o[j] = float(v);
       finite = finite && std::isfinite(o[j]);
     }
-    if (!finite) report_bad_v(n_f_count, b);
-  }
-
-  // A non-finite output comes from a V row read for it: name the first one.
-  [[noreturn]] void report_bad_v(int64_t n_f, int64_t b) {
-    auto check = [&](int64_t t) {
-      const elem* r = vrow(t);
-      for (int32_t j = 0; j < d_; ++j)
-        if (!std::isfinite(storage<T>::load(r[j])))
-          fail_at("v contains NaN/Inf at seq " + std::to_string(s_) + ", token " +
-                  std::to_string(t) + ", kv head " + std::to_string(kvh_));
-    };
-    for (int64_t i = 0; i < n_f; ++i) check(ws_.f[i]);
-    for (int64_t j = 0; j < b; ++j) check(ws_.sample[j]);
-    fail_at("attention output overflowed at seq " + std::to_string(s_) + ", kv head " +
-            std::to_string(kvh_) + " (V values too large for f32)");
+    if (!finite) src_.report_bad_v(d_, ws_.f, n_f_count, ws_.sample, b);
   }
 
   void emit(int32_t x, const head_stats& hs, int64_t n_f, int64_t n_sampled) {
@@ -340,18 +448,29 @@ class unit_runner {
     }
   }
 
+  // Exact attention over every token (the too-short fallback of a sparse configuration).
   void run_dense(int32_t fallback) {
+    all_logits();
     for (int64_t i = 0; i < n_; ++i) ws_.f[i] = int32_t(i);
     for (int32_t x = 0; x < g_; ++x) {
       bind_acc(x);
-      head_acc& A = acc_[x];
       float c = -INFINITY;
       for (int64_t t = 0; t < n_; ++t) c = std::max(c, lg(x, t));
-      for (int64_t t = 0; t < n_; ++t) {
-        const double e = std::exp(double(lg(x, t) - c));
-        A.d_f += e;
-        row_axpy<T>(e, vrow(t), d_, A.n_f);
+      acc_[x].c = c;
+    }
+    for (int64_t t0 = 0; t0 < n_; t0 += k_dense_chunk) {
+      const int64_t cnt = std::min(k_dense_chunk, n_ - t0);
+      for (int64_t i = 0; i < cnt; ++i) ws_.off[i] = src_.offset(t0 + i);
+      for (int32_t x = 0; x < g_; ++x) {
+        float* e = cl(x);
+        for (int64_t i = 0; i < cnt; ++i) e[i] = lg(x, t0 + i) - acc_[x].c;
+        exp_inplace(active_simd_level(), e, cnt);
+        for (int64_t i = 0; i < cnt; ++i) acc_[x].d_f += double(e[i]);
       }
+      src_.wsum(ws_.cl, n_max_, g_, d_, ws_.off, cnt, ws_.facc, ws_.acc, d_);
+    }
+    for (int32_t x = 0; x < g_; ++x) {
+      const head_acc& A = acc_[x];
       write_output(x, A.d_f, A.n_f, nullptr, 0, n_, 0);
       head_stats hs;
       hs.n = n_;
@@ -373,6 +492,64 @@ class unit_runner {
       auto better = [l](int32_t a, int32_t b) { return l[a] != l[b] ? l[a] > l[b] : a < b; };
       if (st.k < cnt) std::nth_element(ws_.cand, ws_.cand + st.k, ws_.cand + cnt, better);
       for (int64_t i = 0; i < st.k; ++i) ws_.flags[ws_.cand[i]] = 1;
+    }
+  }
+
+  // Top-k by an approximate predictor (predictors.hpp); returns the index bytes read per head.
+  int64_t select_predicted(const stage_sizes& st) {
+    const pred_impl& ix = c_.a.index->data();
+    const int64_t lo = st.n_sink, hi = n_ - st.n_local;
+    for (int32_t x = 0; x < g_; ++x) {
+      if (c_.cfg.pred == predictor::page_bounds)
+        select_pages(ix, x, lo, hi, st.k);
+      else
+        select_signs(ix, x, lo, hi, st.k);
+    }
+    return predictor_read_bytes(ix, n_);
+  }
+
+  // Pages intersecting [lo, hi) ranked by their bound (desc, page asc); the best pages enter F
+  // whole (their tokens inside [lo, hi)) until they hold at least k tokens.
+  void select_pages(const pred_impl& ix, int32_t x, int64_t lo, int64_t hi, int64_t k) {
+    const int64_t P = c_.cfg.pred_page, p0 = lo / P, p1 = (hi + P - 1) / P, np = p1 - p0;
+    float* sc = ws_.logits;  // unused by predicted selection
+    page_upper_bounds(ix, s_, kvh_, q(x), p0, p1, sc);
+    for (int64_t i = 0; i < np; ++i) ws_.cand[i] = int32_t(i);
+    auto better = [sc](int32_t a, int32_t b) { return sc[a] != sc[b] ? sc[a] > sc[b] : a < b; };
+    // Every page but the first and the last lies inside [lo, hi): k / P + 2 pages hold k tokens.
+    const int64_t take = std::min(np, (k + P - 1) / P + 2);
+    if (take < np) std::nth_element(ws_.cand, ws_.cand + take, ws_.cand + np, better);
+    std::sort(ws_.cand, ws_.cand + take, better);
+    int64_t got = 0;
+    for (int64_t i = 0; i < take && got < k; ++i) {
+      const int64_t page = p0 + ws_.cand[i];
+      const int64_t a = std::max(lo, page * P), z = std::min(hi, (page + 1) * P);
+      for (int64_t t = a; t < z; ++t) ws_.flags[t] = 1;
+      got += z - a;
+    }
+  }
+
+  // The k tokens of [lo, hi) sharing the most signature bits with the query (ties: lower
+  // position first), by a histogram of the scores: no sort.
+  void select_signs(const pred_impl& ix, int32_t x, int64_t lo, int64_t hi, int64_t k) {
+    uint32_t qsig[8];
+    query_signature(ix, kvh_, q(x), qsig);
+    uint16_t* sc = reinterpret_cast<uint16_t*>(ws_.logits);
+    const int64_t cnt = hi - lo;
+    sign_matches(ix, s_, kvh_, qsig, lo, hi, sc);
+    int64_t hist[257] = {};
+    for (int64_t i = 0; i < cnt; ++i) ++hist[sc[i]];
+    int32_t thr = c_.cfg.pred_bits;
+    int64_t above = 0;  // tokens scoring more than thr
+    while (thr > 0 && above + hist[thr] < k) above += hist[thr--];
+    int64_t at_thr = k - above;  // taken from the tokens scoring exactly thr, lowest first
+    for (int64_t i = 0; i < cnt; ++i) {
+      if (sc[i] > thr) {
+        ws_.flags[lo + i] = 1;
+      } else if (sc[i] == thr && at_thr > 0) {
+        ws_.flags[lo + i] = 1;
+        --at_thr;
+      }
     }
   }
 
@@ -414,6 +591,8 @@ class unit_runner {
     float c = -INFINITY;
     for (int64_t t = 0; t < n_; ++t) c = std::max(c, lg(0, t));
     auto e_of = [&](int64_t t) { return std::exp(double(lg(0, t) - c)); };
+    const elem* vbase = src_.v();
+    auto vrow = [&](int64_t t) { return vbase + src_.offset(t); };
 
     const int64_t w0 = st.n_sink, n_w = n_ - st.n_sink - st.n_local;
     const int64_t m = hub_base_sample_size(cfg, n_w);
@@ -469,56 +648,163 @@ class unit_runner {
     emit(0, hs, n_f, n_sampled);
   }
 
-  // The dot product of the SIMD level in use (VATTN_SIMD overrides the detected one).
-  using dot_fn = float (*)(const float*, const elem*, int32_t);
-  static dot_fn pick_dot() {
-    const row_ops& ops = active_row_ops();
-    if constexpr (T == dtype::f32) return ops.dot_f32;
-    if constexpr (T == dtype::f16) return ops.dot_f16;
-    if constexpr (T == dtype::bf16) return ops.dot_bf16;
-  }
-
   const run_ctx& c_;
-  const dot_fn dot_ = pick_dot();
   scratch ws_;
-  int32_t s_, h0_, g_, kvh_ = 0, d_ = 0;
+  int32_t s_, h0_, g_, kvh_;
+  row_source<T> src_;
+  int32_t d_ = 0;
   int64_t n_ = 0, n_max_ = 0;
+  int64_t listed_f_ = 0;
   head_acc acc_[256];
   base_moments moments_[256];
 };
 
+// ---- dense: split-KV over (sequence, kv head, chunk) items, then a log-sum-exp merge --------
+
+int64_t dense_chunks(int64_t n) {
+  return (n + k_dense_chunk - 1) / k_dense_chunk;
+}
+
+// One chunk of one kv group: partial state (max m, sum l, output o = sum e v / l) per head.
 template <dtype T>
-void run_units(const run_ctx& ctx, uint8_t* ws, size_t ws_per_thread, int32_t n_threads) {
-  const int32_t group = unit_group(ctx.cfg, ctx.p);
-  const int32_t units_per_seq = ctx.p.n_head_q / group;
-  const int64_t n_units = int64_t(ctx.kv.n_seq) * units_per_seq;
-  const layout_sizes sizes = scratch_sizes(ctx.p.n_tokens_max, group, ctx.p.head_dim);
+void dense_chunk(const run_ctx& c, scratch ws, int32_t s, int32_t kvh, int64_t chunk) {
+  const int32_t G = c.p.n_head_q / c.p.n_head_kv, d = c.p.head_dim;
+  const int64_t n = c.kv.seq_len[s], t0 = chunk * k_dense_chunk;
+  const int64_t cnt = std::min(k_dense_chunk, n - t0);
+  row_source<T> src(c, s, kvh);
+  for (int32_t x = 0; x < G; ++x) {
+    const float* q = c.a.q + (int64_t(s) * c.p.n_head_q + kvh * G + x) * d;
+    for (int32_t j = 0; j < d; ++j) ws.qs[x * d + j] = q[j] * c.scale;
+  }
+  int32_t* tok = ws.f;
+  for (int64_t i = 0; i < cnt; ++i) ws.off[i] = src.offset(t0 + i), tok[i] = int32_t(t0 + i);
+  src.logits(ws.qs, G, d, ws.off, tok, cnt, ws.cl, k_dense_chunk);
+  float* m = ws.facc + int64_t(G) * d;  // [G] chunk maxima, after the f32 sums
+  for (int32_t x = 0; x < G; ++x) {
+    float* l = ws.cl + x * k_dense_chunk;
+    m[x] = -INFINITY;
+    for (int64_t i = 0; i < cnt; ++i) m[x] = std::max(m[x], l[i]);
+    for (int64_t i = 0; i < cnt; ++i) l[i] -= m[x];
+    exp_inplace(active_simd_level(), l, cnt);
+  }
+  std::fill(ws.facc, ws.facc + int64_t(G) * d, 0.0f);
+  src.ops().wsum(ws.cl, k_dense_chunk, G, d, src.v(), ws.off, cnt, ws.facc);
+  const int64_t stride = d + 2;
+  for (int32_t x = 0; x < G; ++x) {
+    double l = 0;
+    const float* e = ws.cl + x * k_dense_chunk;
+    for (int64_t i = 0; i < cnt; ++i) l += double(e[i]);
+    float* st =
+        c.partials + ((int64_t(s) * c.p.n_head_q + kvh * G + x) * c.chunks_max + chunk) * stride;
+    st[0] = m[x];
+    st[1] = float(l);
+    for (int32_t j = 0; j < d; ++j) st[2 + j] = ws.facc[x * d + j];
+  }
+}
+
+// Merges the chunk states of one (sequence, query head) in chunk order, in double.
+template <dtype T>
+void dense_merge(const run_ctx& c, int32_t s, int32_t h) {
+  const int32_t d = c.p.head_dim, G = c.p.n_head_q / c.p.n_head_kv;
+  const int64_t n = c.kv.seq_len[s], chunks = dense_chunks(n), stride = d + 2;
+  const float* st = c.partials + (int64_t(s) * c.p.n_head_q + h) * c.chunks_max * stride;
+  float mx = -INFINITY;
+  for (int64_t k = 0; k < chunks; ++k) mx = std::max(mx, st[k * stride]);
+  double acc[4096] = {};
+  double l = 0;
+  for (int64_t k = 0; k < chunks; ++k) {
+    const float* p = st + k * stride;
+    const double r = std::exp(double(p[0] - mx));
+    l += r * double(p[1]);
+    for (int32_t j = 0; j < d; ++j) acc[j] += r * double(p[2 + j]);
+  }
+  float* o = c.a.out + (int64_t(s) * c.p.n_head_q + h) * d;
+  bool finite = std::isfinite(l) && l > 0;
+  for (int32_t j = 0; j < d; ++j) {
+    o[j] = float(acc[j] / l);
+    finite = finite && std::isfinite(o[j]);
+  }
+  if (!finite) row_source<T>(c, s, h / G).report_bad_v(d, nullptr, n, nullptr, 0);
+  const int64_t hi = int64_t(s) * c.p.n_head_q + h;
+  if (c.a.stats) {
+    head_stats hs;
+    hs.n = n;
+    hs.n_f = n;
+    hs.density = 1;
+    hs.bytes_kv = int64_t(2 * n * d * int64_t(sizeof(typename storage<T>::type)) / G);
+    c.a.stats[hi] = hs;
+  }
+  if (c.a.indices) {
+    int32_t* dst = c.a.indices + hi * c.p.n_tokens_max;
+    for (int64_t t = 0; t < n; ++t) dst[t] = int32_t(t);
+  }
+}
+
+// Runs body(i, thread) for i in [0, n) on up to n_threads threads; the first exception's
+// message is kept in a fixed buffer (reporting cannot throw inside the parallel region) and
+// rethrown after the loop.
+template <typename F>
+void parallel_for(int64_t n, int32_t n_threads, F&& body) {
   std::atomic<bool> failed{false};
-  // The first error's message; a fixed buffer so reporting cannot throw inside the parallel
-  // region.
   char first_error[512] = {};
-  auto body = [&](int64_t u, int tid) {
+  auto guarded = [&](int64_t i, int tid) {
     if (failed.load(std::memory_order_relaxed)) return;
     try {
-      const int32_t s = int32_t(u / units_per_seq), first = int32_t(u % units_per_seq) * group;
-      unit_runner<T> r(ctx, carve(ws + size_t(tid) * ws_per_thread, sizes), s, first, group);
-      r.run();
+      body(i, tid);
     } catch (const std::exception& e) {
       if (!failed.exchange(true)) std::snprintf(first_error, sizeof first_error, "%s", e.what());
     }
   };
 #if VATTN_HAVE_OPENMP
-  if (n_threads > 1 && n_units > 1) {
+  if (n_threads > 1 && n > 1) {
 #pragma omp parallel for schedule(dynamic, 1) num_threads(n_threads)
-    for (int64_t u = 0; u < n_units; ++u) body(u, omp_get_thread_num());
+    for (int64_t i = 0; i < n; ++i) guarded(i, omp_get_thread_num());
   } else {
-    for (int64_t u = 0; u < n_units; ++u) body(u, 0);
+    for (int64_t i = 0; i < n; ++i) guarded(i, 0);
   }
 #else
   (void)n_threads;
-  for (int64_t u = 0; u < n_units; ++u) body(u, 0);
+  for (int64_t i = 0; i < n; ++i) guarded(i, 0);
 #endif
   if (failed) throw error(first_error);
+}
+
+template <dtype T>
+void run_dense_split(const run_ctx& ctx, uint8_t* ws, size_t ws_per_thread, int32_t n_threads) {
+  const int32_t G = ctx.p.n_head_q / ctx.p.n_head_kv;
+  const layout_sizes sizes = scratch_sizes(ctx.p.n_tokens_max, G, ctx.p.head_dim);
+  // Items (sequence, kv head, chunk), enumerated per sequence.
+  std::vector<int64_t> first(size_t(ctx.kv.n_seq) + 1, 0);
+  for (int32_t s = 0; s < ctx.kv.n_seq; ++s)
+    first[s + 1] = first[s] + int64_t(ctx.p.n_head_kv) * dense_chunks(ctx.kv.seq_len[s]);
+  const int64_t total = first.back();
+  parallel_for(total, n_threads, [&](int64_t i, int tid) {
+    const int32_t s = int32_t(std::upper_bound(first.begin(), first.end(), i) - first.begin() - 1);
+    const int64_t r = i - first[s], chunks = dense_chunks(ctx.kv.seq_len[s]);
+    dense_chunk<T>(ctx, carve(ws + size_t(tid) * ws_per_thread, sizes), s, int32_t(r / chunks),
+                   r % chunks);
+  });
+  parallel_for(int64_t(ctx.kv.n_seq) * ctx.p.n_head_q, n_threads, [&](int64_t i, int) {
+    dense_merge<T>(ctx, int32_t(i / ctx.p.n_head_q), int32_t(i % ctx.p.n_head_q));
+  });
+}
+
+template <dtype T>
+void run_units(const run_ctx& ctx, uint8_t* ws, size_t ws_per_thread, int32_t n_threads) {
+  if (ctx.cfg.dense) return run_dense_split<T>(ctx, ws, ws_per_thread, n_threads);
+  const int32_t group = unit_group(ctx.cfg, ctx.p);
+  const int32_t units_per_seq = ctx.p.n_head_q / group;
+  const int64_t n_units = int64_t(ctx.kv.n_seq) * units_per_seq;
+  const layout_sizes sizes = scratch_sizes(ctx.p.n_tokens_max, group, ctx.p.head_dim);
+  std::vector<run_profile> prof(size_t(std::max(1, n_threads)));
+  parallel_for(n_units, n_threads, [&](int64_t u, int tid) {
+    const int32_t s = int32_t(u / units_per_seq), first = int32_t(u % units_per_seq) * group;
+    unit_runner<T> r(ctx, carve(ws + size_t(tid) * ws_per_thread, sizes), s, first, group);
+    r.run(prof[size_t(tid)]);
+  });
+  if (ctx.a.profile)
+    for (const run_profile& p : prof)
+      ctx.a.profile->select_s += p.select_s, ctx.a.profile->attend_s += p.attend_s;
 }
 
 }  // namespace
@@ -528,15 +814,19 @@ plan::plan(const config& cfg, const plan_params& params) : cfg_(cfg), params_(pa
   validate_plan_params(params_);
   if (params_.n_threads == 0) params_.n_threads = hardware_threads();
   const int32_t group = unit_group(cfg_, params_);
-  if (group > 256)
+  if (cfg_.gqa_shared && group > 256)
     throw error("plan_params: gqa_shared supports at most 256 query heads per kv head");
   ws_per_thread_ = scratch_sizes(params_.n_tokens_max, group, params_.head_dim).total;
+  ws_shared_ = align_up(sizeof(int64_t) * size_t(params_.n_seq_max));
+  if (cfg_.dense)  // split-KV partial states
+    ws_shared_ +=
+        align_up(sizeof(float) * size_t(params_.n_seq_max) * size_t(params_.n_head_q) *
+                 size_t(dense_chunks(params_.n_tokens_max)) * (size_t(params_.head_dim) + 2));
   if (ws_per_thread_ > (size_t(1) << 46) / size_t(params_.n_threads))
     throw error("plan_params: the workspace for n_tokens_max " +
                 std::to_string(params_.n_tokens_max) + " on " + std::to_string(params_.n_threads) +
                 " threads exceeds 64 TiB");
-  ws_bytes_ = align_up(sizeof(int64_t) * size_t(params_.n_seq_max)) +
-              ws_per_thread_ * size_t(params_.n_threads);
+  ws_bytes_ = ws_shared_ + ws_per_thread_ * size_t(params_.n_threads);
 }
 
 void plan::run(const run_args& args, void* workspace, size_t workspace_size) const {
@@ -549,9 +839,15 @@ void plan::run(const run_args& args, void* workspace, size_t workspace_size) con
   uint8_t* ws = static_cast<uint8_t*>(workspace);
   int64_t* row0 = reinterpret_cast<int64_t*>(ws);
   validate_run_args(params_, args, row0);
+  validate_index(cfg_, params_, args);
   const kv_cache kv = with_default_strides(args.kv);
-  const run_ctx ctx{cfg_, params_, args, kv, row0, float(logit_scale(cfg_, params_.head_dim))};
-  uint8_t* thread_ws = ws + align_up(sizeof(int64_t) * size_t(params_.n_seq_max));
+  float* partials =
+      reinterpret_cast<float*>(ws + align_up(sizeof(int64_t) * size_t(params_.n_seq_max)));
+  const run_ctx ctx{cfg_,     params_,
+                    args,     kv,
+                    row0,     float(logit_scale(cfg_, params_.head_dim)),
+                    partials, dense_chunks(params_.n_tokens_max)};
+  uint8_t* thread_ws = ws + ws_shared_;
   switch (params_.kv_type) {
     case dtype::f32:
       return run_units<dtype::f32>(ctx, thread_ws, ws_per_thread_, params_.n_threads);

@@ -9,10 +9,10 @@
 #include "core/dtype.hpp"
 #include "cpu/row_kernels.hpp"
 
-#if defined(__x86_64__) || defined(__i386__)
+#include "cpu/avx2_util.hpp"
+
+#if VATTN_X86
 #include <cpuid.h>
-#include <immintrin.h>
-#define VATTN_X86 1
 #endif
 
 namespace vattn::detail {
@@ -70,34 +70,12 @@ float dot_bf16_scalar(const float* q, const uint16_t* r, int32_t d) {
 }
 
 #if VATTN_X86
-#define VATTN_AVX2 __attribute__((target("avx2,fma,f16c")))
-
-VATTN_AVX2 inline float hsum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
-
-// Eight elements of a row as f32.
-struct load_f32 {
-  VATTN_AVX2 static __m256 at(const float* r) { return _mm256_loadu_ps(r); }
-};
-struct load_f16 {
-  VATTN_AVX2 static __m256 at(const uint16_t* r) {
-    return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(r)));
-  }
-};
-struct load_bf16 {  // bf16 is the top half of an f32: widen and shift
-  VATTN_AVX2 static __m256 at(const uint16_t* r) {
-    const __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(r)));
-    return _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
-  }
-};
+using avx2::hsum;
 
 // Two independent FMA chains of 8 lanes; the tail (d % 8) in scalar.
-template <typename L, typename E, dtype T>
-VATTN_AVX2 float dot_avx2(const float* q, const E* r, int32_t d) {
+template <dtype T>
+VATTN_AVX2 float dot_avx2(const float* q, const typename storage<T>::type* r, int32_t d) {
+  using L = avx2::load8<T>;
   __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
   int32_t j = 0;
   for (; j + 16 <= d; j += 16) {
@@ -114,13 +92,13 @@ VATTN_AVX2 float dot_avx2(const float* q, const E* r, int32_t d) {
 }
 
 VATTN_AVX2 float dot_f32_avx2(const float* q, const float* r, int32_t d) {
-  return dot_avx2<load_f32, float, dtype::f32>(q, r, d);
+  return dot_avx2<dtype::f32>(q, r, d);
 }
 VATTN_AVX2 float dot_f16_avx2(const float* q, const uint16_t* r, int32_t d) {
-  return dot_avx2<load_f16, uint16_t, dtype::f16>(q, r, d);
+  return dot_avx2<dtype::f16>(q, r, d);
 }
 VATTN_AVX2 float dot_bf16_avx2(const float* q, const uint16_t* r, int32_t d) {
-  return dot_avx2<load_bf16, uint16_t, dtype::bf16>(q, r, d);
+  return dot_avx2<dtype::bf16>(q, r, d);
 }
 #endif
 

@@ -12,6 +12,7 @@
 #include "core/kv_access.hpp"
 #include "core/sampler.hpp"
 #include "core/validate.hpp"
+#include "cpu/predictors.hpp"
 
 namespace vattn::reference {
 
@@ -127,8 +128,45 @@ struct unit_ctx {
   const run_args& a;
   int64_t seq_key;  // sequence id in the sampling key
   int32_t key_head;
-  int64_t es;  // bytes per element
+  int64_t es;         // bytes per element
+  int32_t group = 1;  // query heads per kv head
+  int32_t seq = 0, kvh = 0;
+  const float* q0 = nullptr;  // q of the kv group's first head
 };
+
+// Tokens of [lo, hi) chosen by an approximate predictor for head hh: the index's scores (the
+// same functions the fast paths use) ranked by a full sort.
+std::vector<int32_t> predicted_topk(const unit_ctx& u, int hh, int64_t lo, int64_t hi, int64_t k,
+                                    int32_t d) {
+  const pred_impl& ix = u.a.index->data();
+  const float* q = u.q0 + int64_t(hh) * d;
+  std::vector<int32_t> out;
+  if (u.cfg.pred == predictor::page_bounds) {
+    const int64_t P = u.cfg.pred_page, p0 = lo / P, p1 = (hi + P - 1) / P;
+    std::vector<float> sc(size_t(p1 - p0));
+    page_upper_bounds(ix, u.seq, u.kvh, q, p0, p1, sc.data());
+    std::vector<int64_t> pages(sc.size());
+    std::iota(pages.begin(), pages.end(), 0);
+    std::sort(pages.begin(), pages.end(),
+              [&](int64_t a, int64_t b) { return sc[a] != sc[b] ? sc[a] > sc[b] : a < b; });
+    for (int64_t p : pages) {  // whole pages until they hold k tokens of [lo, hi)
+      if (int64_t(out.size()) >= k) break;
+      for (int64_t t = std::max(lo, (p0 + p) * P); t < std::min(hi, (p0 + p + 1) * P); ++t)
+        out.push_back(int32_t(t));
+    }
+    return out;
+  }
+  uint32_t qsig[8];
+  query_signature(ix, u.kvh, q, qsig);
+  std::vector<uint16_t> sc(size_t(hi - lo));
+  sign_matches(ix, u.seq, u.kvh, qsig, lo, hi, sc.data());
+  std::vector<int32_t> cand(sc.size());
+  std::iota(cand.begin(), cand.end(), 0);
+  std::sort(cand.begin(), cand.end(),
+            [&](int32_t a, int32_t b) { return sc[a] != sc[b] ? sc[a] > sc[b] : a < b; });
+  for (int64_t i = 0; i < k; ++i) out.push_back(int32_t(lo + cand[i]));
+  return out;
+}
 
 // One selection unit: a single query head, or every head of a kv group when gqa_shared.
 void run_unit(const unit_ctx& u, const group_data& g, const std::vector<int>& heads,
@@ -142,7 +180,9 @@ void run_unit(const unit_ctx& u, const group_data& g, const std::vector<int>& he
 
   auto finish_dense = [&]() {
     for (size_t x = 0; x < heads.size(); ++x)
-      finish_dense_head(g, heads[x], *res[x], u.es, heads.size(), cfg.dense ? 0 : 1);
+      // Dense attention reads each row once for the whole kv group.
+      finish_dense_head(g, heads[x], *res[x], u.es, cfg.dense ? size_t(u.group) : heads.size(),
+                        cfg.dense ? 0 : 1);
   };
   if (st.dense) return finish_dense();
 
@@ -150,7 +190,9 @@ void run_unit(const unit_ctx& u, const group_data& g, const std::vector<int>& he
   for (int64_t i = n - st.n_local; i < n; ++i) in_f[i] = 1;
   const std::vector<char> fixed_f = in_f;  // sinks and local only
   for (int hh : heads) {
-    if (cfg.select == selector::topk) {
+    if (cfg.select == selector::topk && cfg.pred != predictor::oracle) {
+      for (int32_t t : predicted_topk(u, hh, st.n_sink, n - st.n_local, st.k, d)) in_f[t] = 1;
+    } else if (cfg.select == selector::topk) {
       std::vector<int32_t> cand = ranked_candidates(g, hh, fixed_f);
       for (int64_t i = 0; i < st.k; ++i) in_f[cand[i]] = 1;
     } else if (cfg.select == selector::topp) {
@@ -210,8 +252,10 @@ void run_unit(const unit_ctx& u, const group_data& g, const std::vector<int>& he
   std::vector<double> w(n, 0.0);
   for (int32_t i : f) w[i] = 1.0;
   for (int32_t i : sample) w[i] = double(n_s) / double(b);
-  const bool reads_all_k = cfg.select != selector::none;
+  const bool reads_all_k = cfg.select != selector::none && cfg.pred == predictor::oracle;
   const double k_rows = reads_all_k ? double(n) : double(f.size() + b);
+  const int64_t pred_bytes =
+      cfg.pred != predictor::oracle ? predictor_read_bytes(u.a.index->data(), n) : 0;
   const double v_rows = double(f.size() + b);
   for (size_t x = 0; x < heads.size(); ++x) {
     head_result& r = *res[x];
@@ -225,7 +269,7 @@ void run_unit(const unit_ctx& u, const group_data& g, const std::vector<int>& he
     r.stats.n_sampled = b;
     r.stats.density = double(int64_t(f.size()) + b) / double(n);
     r.stats.est_rel_error = est_err[x];
-    r.stats.bytes_kv = int64_t((k_rows + v_rows) * row_bytes / double(heads.size()));
+    r.stats.bytes_kv = int64_t((k_rows + v_rows) * row_bytes / double(heads.size())) + pred_bytes;
   }
 }
 
@@ -306,6 +350,7 @@ std::vector<head_result> run(const config& cfg, const run_args& a) {
   validate_plan_params(p);
   std::vector<int64_t> row0(p.n_seq_max);
   validate_run_args(p, a, row0.data(), /*needs_out=*/false);
+  validate_index(cfg, p, a);
 
   const kv_cache kv = with_default_strides(a.kv);
   const int32_t d = p.head_dim, group = p.n_head_q / p.n_head_kv;
@@ -357,14 +402,15 @@ std::vector<head_result> run(const config& cfg, const run_args& a) {
         r.n_dense = r.n_est;
       }
       const int64_t seq_key = a.seq_id ? a.seq_id[s] : s;
+      const float* q_group = a.q + (int64_t(s) * n_head_q + int64_t(kvh) * group) * d;
       if (cfg.hub) {
         for (int hh = 0; hh < group; ++hh) {
           const int32_t h = kvh * group + hh;
-          unit_ctx u{cfg, a, seq_key, h, int64_t(dtype_size(kv.type))};
+          unit_ctx u{cfg, a, seq_key, h, int64_t(dtype_size(kv.type)), group, s, kvh, q_group};
           run_hub_head(u, g, hh, out[size_t(s) * n_head_q + h]);
         }
       } else if (cfg.gqa_shared) {
-        unit_ctx u{cfg, a, seq_key, kvh, int64_t(dtype_size(kv.type))};
+        unit_ctx u{cfg, a, seq_key, kvh, int64_t(dtype_size(kv.type)), group, s, kvh, q_group};
         std::vector<int> heads(group);
         std::vector<head_result*> res(group);
         for (int hh = 0; hh < group; ++hh) {
@@ -375,7 +421,7 @@ std::vector<head_result> run(const config& cfg, const run_args& a) {
       } else {
         for (int hh = 0; hh < group; ++hh) {
           const int32_t h = kvh * group + hh;
-          unit_ctx u{cfg, a, seq_key, h, int64_t(dtype_size(kv.type))};
+          unit_ctx u{cfg, a, seq_key, h, int64_t(dtype_size(kv.type)), group, s, kvh, q_group};
           std::vector<head_result*> res{&out[size_t(s) * n_head_q + h]};
           run_unit(u, g, {hh}, res);
         }

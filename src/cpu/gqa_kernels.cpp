@@ -1,0 +1,269 @@
+// gqa_kernels.cpp: scalar and AVX2 versions of the row-list kernels (gqa_kernels.hpp). The
+// scalar ones are the portable baseline and the test oracle of the AVX2 ones.
+#include "cpu/gqa_kernels.hpp"
+
+#include <cmath>
+
+#include "cpu/avx2_util.hpp"
+
+namespace vattn::detail {
+
+namespace {
+
+constexpr int64_t k_prefetch = 8;  // rows ahead
+
+// ---- scalar ----------------------------------------------------------------------------------
+
+template <dtype T>
+void logits_scalar(const float* q, int32_t G, int32_t d, const typename storage<T>::type* base,
+                   const int64_t* off, int64_t cnt, float* out, int64_t ld) {
+  for (int64_t i = 0; i < cnt; ++i) {
+    const auto* r = base + off[i];
+    for (int32_t g = 0; g < G; ++g) {
+      const float* qg = q + int64_t(g) * d;
+      float a0 = 0, a1 = 0, a2 = 0, a3 = 0;
+      int32_t j = 0;
+      for (; j + 4 <= d; j += 4) {
+        a0 += qg[j] * storage<T>::load(r[j]);
+        a1 += qg[j + 1] * storage<T>::load(r[j + 1]);
+        a2 += qg[j + 2] * storage<T>::load(r[j + 2]);
+        a3 += qg[j + 3] * storage<T>::load(r[j + 3]);
+      }
+      for (; j < d; ++j) a0 += qg[j] * storage<T>::load(r[j]);
+      out[g * ld + i] = (a0 + a1) + (a2 + a3);
+    }
+  }
+}
+
+template <dtype T>
+void wsum_scalar(const float* w, int64_t ldw, int32_t G, int32_t d,
+                 const typename storage<T>::type* base, const int64_t* off, int64_t cnt,
+                 float* acc) {
+  for (int64_t i = 0; i < cnt; ++i) {
+    const auto* r = base + off[i];
+    for (int32_t g = 0; g < G; ++g) {
+      const float e = w[g * ldw + i];
+      float* a = acc + int64_t(g) * d;
+      for (int32_t j = 0; j < d; ++j) a[j] += e * storage<T>::load(r[j]);
+    }
+  }
+}
+
+template <dtype T>
+void moments_scalar(const float* w, int64_t ldw, int32_t G, int32_t d,
+                    const typename storage<T>::type* base, const int64_t* off, int64_t cnt,
+                    double* s1, double* s2, double* s3) {
+  for (int64_t i = 0; i < cnt; ++i) {
+    const auto* r = base + off[i];
+    for (int32_t g = 0; g < G; ++g) {
+      const double e = w[g * ldw + i];
+      const int64_t o = int64_t(g) * d;
+      for (int32_t j = 0; j < d; ++j) {
+        const double x = e * double(storage<T>::load(r[j]));
+        s1[o + j] += x;
+        s2[o + j] += x * x;
+        s3[o + j] += e * x;
+      }
+    }
+  }
+}
+
+void exp_scalar(float* x, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) x[i] = x[i] < -87.0f ? 0.0f : std::exp(x[i]);
+}
+
+// ---- AVX2 ------------------------------------------------------------------------------------
+#if VATTN_X86
+
+template <typename E>
+VATTN_AVX2 inline void prefetch_row(const E* r, int32_t d) {
+  const char* p = reinterpret_cast<const char*>(r);
+  const int64_t bytes = int64_t(d) * int64_t(sizeof(E));
+  for (int64_t b = 0; b < bytes; b += 64) _mm_prefetch(p + b, _MM_HINT_T0);
+}
+
+// H heads (1..4) against one row: two FMA chains per head.
+template <dtype T, int H>
+VATTN_AVX2 inline void dot_heads(const float* q, int32_t d, const typename storage<T>::type* r,
+                                 float* res) {
+  using L = avx2::load8<T>;
+  __m256 a[H][2];
+  for (int h = 0; h < H; ++h) a[h][0] = a[h][1] = _mm256_setzero_ps();
+  int32_t j = 0;
+  for (; j + 16 <= d; j += 16) {
+    const __m256 k0 = L::at(r + j), k1 = L::at(r + j + 8);
+    for (int h = 0; h < H; ++h) {
+      a[h][0] = _mm256_fmadd_ps(_mm256_loadu_ps(q + h * d + j), k0, a[h][0]);
+      a[h][1] = _mm256_fmadd_ps(_mm256_loadu_ps(q + h * d + j + 8), k1, a[h][1]);
+    }
+  }
+  if (j + 8 <= d) {
+    const __m256 k0 = L::at(r + j);
+    for (int h = 0; h < H; ++h)
+      a[h][0] = _mm256_fmadd_ps(_mm256_loadu_ps(q + h * d + j), k0, a[h][0]);
+    j += 8;
+  }
+  for (int h = 0; h < H; ++h) {
+    float tail = 0;
+    for (int32_t t = j; t < d; ++t) tail += q[h * d + t] * storage<T>::load(r[t]);
+    res[h] = avx2::hsum(_mm256_add_ps(a[h][0], a[h][1])) + tail;
+  }
+}
+
+template <dtype T>
+VATTN_AVX2 void logits_avx2(const float* q, int32_t G, int32_t d,
+                            const typename storage<T>::type* base, const int64_t* off, int64_t cnt,
+                            float* out, int64_t ld) {
+  float res[4];
+  for (int64_t i = 0; i < cnt; ++i) {
+    if (i + k_prefetch < cnt) prefetch_row(base + off[i + k_prefetch], d);
+    const auto* r = base + off[i];
+    int32_t g = 0;
+    for (; g + 4 <= G; g += 4) {
+      dot_heads<T, 4>(q + int64_t(g) * d, d, r, res);
+      for (int h = 0; h < 4; ++h) out[(g + h) * ld + i] = res[h];
+    }
+    switch (G - g) {
+      case 3:
+        dot_heads<T, 3>(q + int64_t(g) * d, d, r, res);
+        break;
+      case 2:
+        dot_heads<T, 2>(q + int64_t(g) * d, d, r, res);
+        break;
+      case 1:
+        dot_heads<T, 1>(q + int64_t(g) * d, d, r, res);
+        break;
+      default:
+        break;
+    }
+    for (int h = 0; g + h < G; ++h) out[(g + h) * ld + i] = res[h];
+  }
+}
+
+template <dtype T>
+VATTN_AVX2 void wsum_avx2(const float* w, int64_t ldw, int32_t G, int32_t d,
+                          const typename storage<T>::type* base, const int64_t* off, int64_t cnt,
+                          float* acc) {
+  using L = avx2::load8<T>;
+  const int32_t d8 = d / 8 * 8;
+  for (int64_t i = 0; i < cnt; ++i) {
+    if (i + k_prefetch < cnt) prefetch_row(base + off[i + k_prefetch], d);
+    const auto* r = base + off[i];
+    for (int32_t j = 0; j < d8; j += 8) {
+      const __m256 v = L::at(r + j);
+      for (int32_t g = 0; g < G; ++g) {
+        float* a = acc + int64_t(g) * d + j;
+        _mm256_storeu_ps(a, _mm256_fmadd_ps(_mm256_set1_ps(w[g * ldw + i]), v, _mm256_loadu_ps(a)));
+      }
+    }
+    for (int32_t j = d8; j < d; ++j) {
+      const float v = storage<T>::load(r[j]);
+      for (int32_t g = 0; g < G; ++g) acc[int64_t(g) * d + j] += w[g * ldw + i] * v;
+    }
+  }
+}
+
+template <dtype T>
+VATTN_AVX2 void moments_avx2(const float* w, int64_t ldw, int32_t G, int32_t d,
+                             const typename storage<T>::type* base, const int64_t* off, int64_t cnt,
+                             double* s1, double* s2, double* s3) {
+  using L = avx2::load8<T>;
+  const int32_t d8 = d / 8 * 8;
+  for (int64_t i = 0; i < cnt; ++i) {
+    if (i + k_prefetch < cnt) prefetch_row(base + off[i + k_prefetch], d);
+    const auto* r = base + off[i];
+    for (int32_t j = 0; j < d8; j += 8) {
+      const __m256 v = L::at(r + j);
+      const __m256d vl = _mm256_cvtps_pd(_mm256_castps256_ps128(v));
+      const __m256d vh = _mm256_cvtps_pd(_mm256_extractf128_ps(v, 1));
+      for (int32_t g = 0; g < G; ++g) {
+        const __m256d e = _mm256_set1_pd(double(w[g * ldw + i]));
+        const int64_t o = int64_t(g) * d + j;
+        const __m256d xl = _mm256_mul_pd(e, vl), xh = _mm256_mul_pd(e, vh);
+        _mm256_storeu_pd(s1 + o, _mm256_add_pd(_mm256_loadu_pd(s1 + o), xl));
+        _mm256_storeu_pd(s1 + o + 4, _mm256_add_pd(_mm256_loadu_pd(s1 + o + 4), xh));
+        _mm256_storeu_pd(s2 + o, _mm256_fmadd_pd(xl, xl, _mm256_loadu_pd(s2 + o)));
+        _mm256_storeu_pd(s2 + o + 4, _mm256_fmadd_pd(xh, xh, _mm256_loadu_pd(s2 + o + 4)));
+        _mm256_storeu_pd(s3 + o, _mm256_fmadd_pd(e, xl, _mm256_loadu_pd(s3 + o)));
+        _mm256_storeu_pd(s3 + o + 4, _mm256_fmadd_pd(e, xh, _mm256_loadu_pd(s3 + o + 4)));
+      }
+    }
+    for (int32_t j = d8; j < d; ++j) {
+      const double v = storage<T>::load(r[j]);
+      for (int32_t g = 0; g < G; ++g) {
+        const double e = w[g * ldw + i], x = e * v;
+        const int64_t o = int64_t(g) * d + j;
+        s1[o] += x;
+        s2[o] += x * x;
+        s3[o] += e * x;
+      }
+    }
+  }
+}
+
+// exp(x) = 2^n exp(r), n = round(x / ln 2), r = x - n ln 2 in [-ln2/2, ln2/2] (two-part ln 2),
+// exp(r) by its Taylor polynomial of degree 7 (truncation below 6e-9 relative).
+VATTN_AVX2 inline __m256 exp8(__m256 x) {
+  const __m256 lo = _mm256_set1_ps(-87.0f);
+  const __m256 under = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);
+  x = _mm256_min_ps(_mm256_max_ps(x, lo), _mm256_set1_ps(88.0f));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.0f / 5040);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 720));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 120));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 24));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 6));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+  const __m256i e =
+      _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_andnot_ps(under, _mm256_mul_ps(p, _mm256_castsi256_ps(e)));
+}
+
+VATTN_AVX2 void exp_avx2(float* x, int64_t n) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(x + i, exp8(_mm256_loadu_ps(x + i)));
+  if (i < n) {
+    float tmp[8] = {-100, -100, -100, -100, -100, -100, -100, -100};
+    for (int64_t j = i; j < n; ++j) tmp[j - i] = x[j];
+    _mm256_storeu_ps(tmp, exp8(_mm256_loadu_ps(tmp)));
+    for (int64_t j = i; j < n; ++j) x[j] = tmp[j - i];
+  }
+}
+#endif
+
+template <dtype T>
+struct tables {
+  static constexpr gqa_ops<T> scalar{logits_scalar<T>, wsum_scalar<T>, moments_scalar<T>};
+#if VATTN_X86
+  static constexpr gqa_ops<T> avx2{logits_avx2<T>, wsum_avx2<T>, moments_avx2<T>};
+#endif
+};
+
+}  // namespace
+
+template <dtype T>
+const gqa_ops<T>& gqa_ops_for(simd_level l) {
+#if VATTN_X86
+  if (l == simd_level::avx2) return tables<T>::avx2;
+#endif
+  (void)l;
+  return tables<T>::scalar;
+}
+template const gqa_ops<dtype::f32>& gqa_ops_for<dtype::f32>(simd_level);
+template const gqa_ops<dtype::f16>& gqa_ops_for<dtype::f16>(simd_level);
+template const gqa_ops<dtype::bf16>& gqa_ops_for<dtype::bf16>(simd_level);
+
+void exp_inplace(simd_level l, float* x, int64_t n) {
+#if VATTN_X86
+  if (l == simd_level::avx2) return exp_avx2(x, n);
+#endif
+  (void)l;
+  exp_scalar(x, n);
+}
+
+}  // namespace vattn::detail

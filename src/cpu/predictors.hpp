@@ -1,0 +1,52 @@
+// predictors.hpp: the data of a predictor_index and the scoring kernels the CPU path calls.
+// Approximate predictors rank tokens for top-k from a small index instead of every key:
+// - page_bounds (Quest): per page of P tokens and kv head, the elementwise min and max of K,
+//   stored in the cache's dtype (a min or max of stored values is a stored value, so the bounds
+//   are exact); a page's score is sum_j max(q_j lo_j, q_j hi_j) >= q.k for every key of the page;
+// - sign_bits (SimHash): bit r of a token's signature is [w_r . k >= 0] for the kv head's
+//   projection rows w_r (Gaussian, drawn from the config's seed, or learned); a token's score is
+//   the number of bits its signature shares with the query's.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include "vattn/vattn.hpp"
+
+namespace vattn {
+
+struct predictor_index::impl {
+  config cfg;
+  plan_params p;
+  int64_t pages_max = 0;        // ceil(n_tokens_max / pred_page)
+  int32_t words = 0;            // pred_bits / 32
+  std::vector<float> proj;      // sign_bits: [n_head_kv, pred_bits, head_dim]
+  std::vector<int64_t> count;   // [n_seq_max] tokens each slot holds
+  std::vector<uint8_t> lo, hi;  // page_bounds: [slot, kv head, page, head_dim] in kv dtype
+  std::vector<uint32_t> sig;    // sign_bits: [slot, kv head, token, words]
+
+  const uint8_t* lo_row(int32_t slot, int32_t kvh, int64_t page) const;
+  const uint8_t* hi_row(int32_t slot, int32_t kvh, int64_t page) const;
+  const uint32_t* sig_row(int32_t slot, int32_t kvh, int64_t t) const;
+};
+
+namespace detail {
+
+using pred_impl = predictor_index::impl;
+
+// Upper bounds of <q, k> (unscaled) over pages [p0, p1) of (slot, kv head): out[p - p0].
+void page_upper_bounds(const pred_impl& ix, int32_t slot, int32_t kvh, const float* q, int64_t p0,
+                       int64_t p1, float* out);
+
+// The signature of q under kv head kvh's projections: words uint32 values.
+void query_signature(const pred_impl& ix, int32_t kvh, const float* q, uint32_t* sig);
+
+// Bits shared by qsig and the signatures of tokens [t0, t1): out[t - t0] in [0, pred_bits].
+void sign_matches(const pred_impl& ix, int32_t slot, int32_t kvh, const uint32_t* qsig, int64_t t0,
+                  int64_t t1, uint16_t* out);
+
+// Bytes of the index one query head reads to score n tokens.
+int64_t predictor_read_bytes(const pred_impl& ix, int64_t n);
+
+}  // namespace detail
+}  // namespace vattn
