@@ -79,6 +79,37 @@ typedef struct vattn_head_stats {
   int32_t dense_fallback;
 } vattn_head_stats;
 
+/* The index of an approximate top-k predictor (config predictor=pages or predictor=signs): one
+ * slot per sequence, slot s following sequence s of the caches given to update. Created for
+ * n_seq_max slots of n_tokens_max tokens; nothing else allocates. */
+typedef struct vattn_predictor_index vattn_predictor_index;
+/* params: as for the plan that will use the index (n_head_kv, head_dim and kv_type must match). */
+vattn_status vattn_predictor_index_create(const vattn_config* cfg, const vattn_plan_params* params,
+                                          vattn_predictor_index** out);
+void vattn_predictor_index_free(vattn_predictor_index* index);
+/* Appends each slot s < kv->n_seq up to kv->seq_len[s] tokens; a slot holding more tokens than
+ * seq_len is rebuilt from token 0. Rejects NaN/Inf keys (every slot of the update is emptied). */
+vattn_status vattn_predictor_index_update(vattn_predictor_index* index, const vattn_kv_cache* kv);
+/* Every slot back to 0 tokens (e.g. before a slot's sequence is replaced by a longer one). */
+vattn_status vattn_predictor_index_clear(vattn_predictor_index* index);
+/* predictor=signs only: learned projections f32 [n_head_kv, pred_bits, head_dim] in place of the
+ * random ones; count = n_head_kv * pred_bits * head_dim. Clears every slot. */
+vattn_status vattn_predictor_index_set_projections(vattn_predictor_index* index, const float* w,
+                                                   size_t count);
+/* The same from a safetensors file holding "sign_projections" (f32, f16 or bf16). */
+vattn_status vattn_predictor_index_load_projections(vattn_predictor_index* index, const char* path);
+/* Tokens slot holds; -1 (and vattn_last_error set) on a NULL index or a slot out of range. */
+int64_t vattn_predictor_index_tokens(const vattn_predictor_index* index, int32_t slot);
+size_t vattn_predictor_index_memory_bytes(const vattn_predictor_index* index); /* 0 on NULL */
+
+/* Where a run's time went, in thread-seconds summed over threads. */
+typedef struct vattn_run_profile {
+  double select_s; /* predictor or oracle scoring, selection, budget and sampling */
+  double attend_s; /* reading the chosen K/V rows and forming the output */
+} vattn_run_profile;
+
+/* Zero-initialise it (vattn_run_args a = {0};) before setting fields: a zero field is unset, so
+ * code that sets only the fields it knows still builds and runs when fields are appended. */
 typedef struct vattn_run_args {
   int32_t n_head_q;
   const float* q; /* [n_seq, n_head_q, head_dim] */
@@ -88,6 +119,10 @@ typedef struct vattn_run_args {
   int32_t* indices;        /* optional [n_seq, n_head_q, n_tokens_max] */
   uint64_t step;
   const int64_t* seq_id; /* optional [n_seq] */
+  /* Required when the predictor is not oracle: an index made with the same predictor settings
+   * and head shapes whose slot s holds exactly kv.seq_len[s] tokens (update it first). */
+  const vattn_predictor_index* index;
+  vattn_run_profile* profile; /* optional: run adds to it (it is not reset) */
 } vattn_run_args;
 
 typedef struct vattn_plan vattn_plan;

@@ -15,6 +15,9 @@ struct vattn_config {
 struct vattn_plan {
   vattn::plan p;
 };
+struct vattn_predictor_index {
+  vattn::predictor_index ix;
+};
 
 namespace {
 
@@ -43,6 +46,18 @@ vattn_status guarded(F&& f) {
 
 void require(const void* p, const char* name) {
   if (!p) throw vattn::error(std::string(name) + " is null");
+}
+
+vattn::plan_params to_cpp(const vattn_plan_params& c) {
+  vattn::plan_params p;
+  p.n_seq_max = c.n_seq_max;
+  p.n_head_q = c.n_head_q;
+  p.n_head_kv = c.n_head_kv;
+  p.head_dim = c.head_dim;
+  p.n_tokens_max = c.n_tokens_max;
+  p.kv_type = vattn::dtype(c.kv_type);
+  p.n_threads = c.n_threads;
+  return p;
 }
 
 vattn::kv_cache to_cpp(const vattn_kv_cache& c) {
@@ -74,6 +89,10 @@ static_assert(offsetof(vattn_head_stats, density) == offsetof(vattn::head_stats,
 static_assert(offsetof(vattn_head_stats, bytes_kv) == offsetof(vattn::head_stats, bytes_kv));
 static_assert(offsetof(vattn_head_stats, dense_fallback) ==
               offsetof(vattn::head_stats, dense_fallback));
+// The profile is passed through as a pointer.
+static_assert(sizeof(vattn_run_profile) == sizeof(vattn::run_profile));
+static_assert(offsetof(vattn_run_profile, select_s) == offsetof(vattn::run_profile, select_s));
+static_assert(offsetof(vattn_run_profile, attend_s) == offsetof(vattn::run_profile, attend_s));
 
 }  // namespace
 
@@ -123,15 +142,7 @@ vattn_status vattn_plan_create(const vattn_config* cfg, const vattn_plan_params*
     require(params, "params");
     require(out, "out");
     *out = nullptr;
-    vattn::plan_params p;
-    p.n_seq_max = params->n_seq_max;
-    p.n_head_q = params->n_head_q;
-    p.n_head_kv = params->n_head_kv;
-    p.head_dim = params->head_dim;
-    p.n_tokens_max = params->n_tokens_max;
-    p.kv_type = vattn::dtype(params->kv_type);
-    p.n_threads = params->n_threads;
-    *out = new vattn_plan{vattn::plan(cfg->cfg, p)};
+    *out = new vattn_plan{vattn::plan(cfg->cfg, to_cpp(*params))};
   });
 }
 
@@ -156,10 +167,72 @@ vattn_status vattn_plan_run(const vattn_plan* plan, const vattn_run_args* args, 
     a.indices = args->indices;
     a.step = args->step;
     a.seq_id = args->seq_id;
-    // Layouts agree field for field (checked by the static_assert and the C API test).
+    a.index = args->index ? &args->index->ix : nullptr;
+    // Layouts agree field for field (checked by the static_asserts and the C API test).
     a.stats = reinterpret_cast<vattn::head_stats*>(args->stats);
+    a.profile = reinterpret_cast<vattn::run_profile*>(args->profile);
     plan->p.run(a, workspace, workspace_bytes);
   });
+}
+
+vattn_status vattn_predictor_index_create(const vattn_config* cfg, const vattn_plan_params* params,
+                                          vattn_predictor_index** out) {
+  return guarded([&] {
+    require(cfg, "cfg");
+    require(params, "params");
+    require(out, "out");
+    *out = nullptr;
+    *out = new vattn_predictor_index{vattn::predictor_index(cfg->cfg, to_cpp(*params))};
+  });
+}
+
+void vattn_predictor_index_free(vattn_predictor_index* index) {
+  delete index;
+}
+
+vattn_status vattn_predictor_index_update(vattn_predictor_index* index, const vattn_kv_cache* kv) {
+  return guarded([&] {
+    require(index, "index");
+    require(kv, "kv");
+    index->ix.update(to_cpp(*kv));
+  });
+}
+
+vattn_status vattn_predictor_index_clear(vattn_predictor_index* index) {
+  return guarded([&] {
+    require(index, "index");
+    index->ix.clear();
+  });
+}
+
+vattn_status vattn_predictor_index_set_projections(vattn_predictor_index* index, const float* w,
+                                                   size_t count) {
+  return guarded([&] {
+    require(index, "index");
+    index->ix.set_projections(w, count);
+  });
+}
+
+vattn_status vattn_predictor_index_load_projections(vattn_predictor_index* index,
+                                                    const char* path) {
+  return guarded([&] {
+    require(index, "index");
+    require(path, "path");
+    index->ix.load_projections(path);
+  });
+}
+
+int64_t vattn_predictor_index_tokens(const vattn_predictor_index* index, int32_t slot) {
+  int64_t n = -1;
+  const vattn_status st = guarded([&] {
+    require(index, "index");
+    n = index->ix.tokens(slot);
+  });
+  return st == VATTN_OK ? n : -1;
+}
+
+size_t vattn_predictor_index_memory_bytes(const vattn_predictor_index* index) {
+  return index ? index->ix.memory_bytes() : 0;
 }
 
 }  // extern "C"
