@@ -1,6 +1,8 @@
-// test_cli.cpp: the `vattn` command line end to end: info, demo, check, and its error messages.
+// test_cli.cpp: the `vattn` command line end to end: info, demo, check, synth, bench, and their
+// error messages.
 #include <gtest/gtest.h>
 
+#include <cmath>
 #include <cstdio>
 #include <filesystem>
 #include <nlohmann/json.hpp>
@@ -160,4 +162,96 @@ TEST(Cli, CheckRejectsBadInput) {
   EXPECT_EQ(r.code, 2);
   EXPECT_NE(r.out.find("k has shape [16]"), std::string::npos) << r.out;
   std::filesystem::remove(wrong);
+}
+
+TEST(Cli, BenchSmallJson) {
+  result r =
+      run("bench --context 512,1024 --batch 1,2 --n-head-q 4 --n-head-kv 2 --head-dim 32 --reps 1 "
+          "--predictors oracle --threads 1 --stream-mib 16 --json");
+  ASSERT_EQ(r.code, 0) << r.out;
+  auto j = nlohmann::json::parse(r.out);
+  EXPECT_GT(j["machine"]["stream_gbs"].get<double>(), 0.0);
+  EXPECT_TRUE(j["machine"].contains("simd"));
+  ASSERT_EQ(j["rows"].size(), 2u * 2u * 3u);  // contexts x batches x (dense, topk, vattention)
+  for (const auto& row : j["rows"]) {
+    for (const char* k : {"median_ms", "min_ms", "density", "mb_read", "gbs", "speedup_vs_dense",
+                          "err_mean", "err_p95", "floor_ms"}) {
+      ASSERT_TRUE(row[k].is_number()) << k << " in " << row.dump();
+      EXPECT_TRUE(std::isfinite(row[k].get<double>())) << k;
+    }
+    for (const auto& [k, v] : row.items())
+      if (v.is_number()) EXPECT_TRUE(std::isfinite(v.get<double>())) << k;
+    EXPECT_GT(row["density"].get<double>(), 0.0);
+    EXPECT_LE(row["density"].get<double>(), 1.0);
+    if (row["method"] == "dense") {
+      EXPECT_EQ(row["err_mean"].get<double>(), 0.0);
+      EXPECT_EQ(row["err_p95"].get<double>(), 0.0);
+      EXPECT_DOUBLE_EQ(row["speedup_vs_dense"].get<double>(), 1.0);
+      EXPECT_TRUE(row["dense_frac_of_stream"].is_number());
+    } else {
+      EXPECT_EQ(row["predictor"], "oracle");
+      EXPECT_EQ(row["recall"].get<double>(), 1.0);
+      EXPECT_LT(row["density"].get<double>(), 1.0);
+    }
+  }
+}
+
+TEST(Cli, BenchPredictorsJson) {
+  result r =
+      run("bench --context 2048 --n-head-q 4 --n-head-kv 2 --head-dim 32 --reps 1 --methods topk "
+          "--predictors pages,signs --config pred_page=8 --threads 1 --stream-mib 16 --json");
+  ASSERT_EQ(r.code, 0) << r.out;
+  auto j = nlohmann::json::parse(r.out);
+  ASSERT_EQ(j["rows"].size(), 3u);  // dense, topk/pages, topk/signs
+  EXPECT_EQ(j["rows"][1]["predictor"], "pages");
+  EXPECT_EQ(j["rows"][2]["predictor"], "signs");
+  for (size_t i = 1; i < 3; ++i) {
+    const auto& row = j["rows"][i];
+    EXPECT_GE(row["recall"].get<double>(), 0.0);
+    EXPECT_LE(row["recall"].get<double>(), 1.0);
+    EXPECT_GT(row["index_bytes"].get<double>(), 0.0);
+    EXPECT_GE(row["index_ms"].get<double>(), 0.0);
+  }
+  EXPECT_NE(j["rows"][1]["config"].get<std::string>().find("pred_page=8"), std::string::npos);
+}
+
+TEST(Cli, BenchTablePagedCsv) {
+  const std::string csv = temp_path("bench.csv");
+  result r = run(
+      "bench --context 700 --batch 2 --n-head-q 4 --n-head-kv 2 --head-dim 32 --reps 1 "
+      "--methods topk --predictors oracle --layout paged --page-size 16 --dtype f16 --threads 1 "
+      "--stream-mib 16 --csv " +
+      csv);
+  ASSERT_EQ(r.code, 0) << r.out;
+  EXPECT_NE(r.out.find("speedup"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("paged"), std::string::npos) << r.out;
+  FILE* f = std::fopen(csv.c_str(), "r");
+  ASSERT_NE(f, nullptr);
+  int lines = 0;
+  for (int c; (c = std::fgetc(f)) != EOF;) lines += c == '\n';
+  std::fclose(f);
+  EXPECT_EQ(lines, 3);  // header, dense, topk
+  std::filesystem::remove(csv);
+}
+
+TEST(Cli, BenchRejectsBadArguments) {
+  const std::string tiny = " --n-head-kv 2 --head-dim 32 --reps 1 --stream-mib 16";
+  result r = run("bench --context 0 --n-head-q 4" + tiny);
+  EXPECT_EQ(r.code, 2);
+  EXPECT_NE(r.out.find("--context"), std::string::npos) << r.out;
+  r = run("bench --context 512 --n-head-q 3" + tiny);
+  EXPECT_EQ(r.code, 2);
+  EXPECT_NE(r.out.find("--n-head-q"), std::string::npos) << r.out;
+  r = run("bench --context 512 --n-head-q 4 --predictors oracle,crystal_ball" + tiny);
+  EXPECT_EQ(r.code, 2);
+  EXPECT_NE(r.out.find("crystal_ball"), std::string::npos) << r.out;
+  r = run("bench --context 512 --n-head-q 4 --methods dense,nope" + tiny);
+  EXPECT_EQ(r.code, 2);
+  EXPECT_NE(r.out.find("--methods"), std::string::npos) << r.out;
+  r = run("bench --context 512 --n-head-q 4 --config frobnicate=1" + tiny);
+  EXPECT_EQ(r.code, 2);
+  EXPECT_NE(r.out.find("--config"), std::string::npos) << r.out;
+  r = run("bench --context 512 --n-head-q 4 --layout sideways" + tiny);
+  EXPECT_EQ(r.code, 2);
+  EXPECT_NE(r.out.find("--layout"), std::string::npos) << r.out;
 }

@@ -8,5 +8,6 @@ namespace vattn::cli {
 void add_demo(CLI::App& app, bool& json);
 void add_check(CLI::App& app, bool& json);
 void add_synth(CLI::App& app, bool& json);
+void add_bench(CLI::App& app, bool& json);
 
 }  // namespace vattn::cli

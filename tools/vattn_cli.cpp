@@ -1,4 +1,4 @@
-// vattn_cli.cpp: the `vattn` command line: demo, check, synth, info.
+// vattn_cli.cpp: the `vattn` command line: demo, check, synth, bench, info.
 #include <CLI/CLI.hpp>
 #include <cstdio>
 #include <iostream>
@@ -70,6 +70,7 @@ int main(int argc, char** argv) {
   vattn::cli::add_demo(app, json);
   vattn::cli::add_check(app, json);
   vattn::cli::add_synth(app, json);
+  vattn::cli::add_bench(app, json);
   CLI::App* inf = app.add_subcommand("info", "Version, build options and detected CPU features");
   inf->callback([&json] { info(json); });
   // --json is accepted after the subcommand too.
