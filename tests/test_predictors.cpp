@@ -232,9 +232,10 @@ std::string case_name(const build_case& bc, dtype t, kv_layout l) {
 }
 
 TEST(PredictorIndex, IncrementalUpdateEqualsRebuild) {
-  const std::vector<int32_t> n_max = {70, 1, 41, 129};
+  // 300 crosses k_center_tokens (256), where sign-bit slots are centred and rebuilt.
+  const std::vector<int32_t> n_max = {70, 1, 41, 300};
   // Each step's lengths are min(n_max, g); the first step holds the first two sequences only.
-  const std::vector<int32_t> schedule = {1, 2, 5, 5, 16, 17, 40, 64, 129};
+  const std::vector<int32_t> schedule = {1, 2, 5, 5, 16, 17, 40, 64, 129, 255, 256, 257, 300};
   for (const build_case& bc : k_build_cases) {
     for (dtype t : {dtype::f32, dtype::f16, dtype::bf16}) {
       for (kv_layout l : {kv_layout::contiguous, kv_layout::paged}) {
@@ -242,7 +243,7 @@ TEST(PredictorIndex, IncrementalUpdateEqualsRebuild) {
         SCOPED_TRACE(what);
         key_cache c = make_keys(t, l, n_max, {11, 12, 13, 14}, 2, bc.d, t != dtype::f32);
         const config cfg = pred_config(bc.pred, bc.page, bc.bits);
-        const plan_params pp = index_params(5, 2, bc.d, 129, t);
+        const plan_params pp = index_params(5, 2, bc.d, 300, t);
         predictor_index ix(cfg, pp);
         for (size_t i = 0; i < schedule.size(); ++i) {
           std::vector<int32_t> lens;
@@ -369,12 +370,18 @@ TEST(PredictorIndex, SignaturesMatchDoublePrecisionSigns) {
       SCOPED_TRACE(std::string(dtype_name(t)) + " d " + std::to_string(d) + " bits " +
                    std::to_string(bits));
       const int32_t H = 2;
-      key_cache c = make_keys(t, kv_layout::contiguous, {200, 31}, {8, 9}, H, d, false);
+      // Slot 0 is long enough to be centred on the mean of its first 256 keys; slot 1 is not.
+      key_cache c = make_keys(t, kv_layout::contiguous, {300, 31}, {8, 9}, H, d, false);
       predictor_index ix(pred_config(predictor::sign_bits, 16, bits, 42),
-                         index_params(2, H, d, 200, t));
+                         index_params(2, H, d, 300, t));
       ix.update(c.full());
       const auto& x = ix.data();
       ASSERT_EQ(x.words, bits / 32);
+      std::vector<double> mu(size_t(H) * d, 0.0);
+      for (int32_t h = 0; h < H; ++h)
+        for (int64_t tok = 0; tok < k_center_tokens; ++tok)
+          for (int32_t j = 0; j < d; ++j)
+            mu[h * d + j] += c.get(0, tok, h, j) / double(k_center_tokens);
       int64_t checked = 0, skipped = 0;
       // bit r of w_r . v in double, or -1 when |w_r . v| is too small to call
       auto naive_bit = [&](int32_t h, int32_t r, auto&& elem) {
@@ -391,7 +398,9 @@ TEST(PredictorIndex, SignaturesMatchDoublePrecisionSigns) {
           for (int32_t h = 0; h < H; ++h) {
             const uint32_t* sig = x.sig_row(s, h, tok);
             for (int32_t r = 0; r < bits; ++r) {
-              const int want = naive_bit(h, r, [&](int32_t j) { return c.get(s, tok, h, j); });
+              const int want = naive_bit(h, r, [&](int32_t j) {
+                return c.get(s, tok, h, j) - (s == 0 ? mu[h * d + j] : 0.0);
+              });
               if (want < 0) {
                 ++skipped;
                 continue;
@@ -416,7 +425,7 @@ TEST(PredictorIndex, SignaturesMatchDoublePrecisionSigns) {
             ASSERT_EQ(int(qs[r / 32] >> (r % 32) & 1u), want) << "query bit " << r;
           }
         }
-        const int64_t t0 = 3, t1 = 200;
+        const int64_t t0 = 3, t1 = 300;
         std::vector<uint16_t> m(t1 - t0 + 1, 7777);
         detail::sign_matches(x, 0, h, qs.data(), t0, t1, m.data());
         ASSERT_EQ(m[t1 - t0], 7777) << "wrote past t1";
@@ -669,7 +678,9 @@ TEST(PredictorIndex, SizesReadBytesAndMoves) {
   EXPECT_EQ(detail::predictor_read_bytes(pages.data(), 100), 2 * 7 * 10 * 2);
   EXPECT_EQ(detail::predictor_read_bytes(pages.data(), 16), 2 * 1 * 10 * 2);
   predictor_index signs(pred_config(predictor::sign_bits, 16, 96), pp);
-  EXPECT_EQ(signs.memory_bytes(), size_t(3 * 2 * 100 * 12 + 2 * 96 * 10 * 4 + 3 * 8));
+  // signatures, projections, per-bit centring thresholds, token counts
+  EXPECT_EQ(signs.memory_bytes(),
+            size_t(3 * 2 * 100 * 12 + 2 * 96 * 10 * 4 + 3 * 2 * 96 * 4 + 3 * 8));
   EXPECT_EQ(detail::predictor_read_bytes(signs.data(), 100), 100 * 12);
   EXPECT_EQ(signs.cfg().pred_bits, 96);
   EXPECT_EQ(signs.params().head_dim, 10);

@@ -43,16 +43,17 @@ constexpr int64_t k_flush = 512;
 
 // Per-thread scratch carved out of the caller's workspace.
 struct scratch {
-  float* logits;    // [group, n_max] logits of every head of a unit, indexed by token
-  float* cl;        // [group, n_max] logits, then weights, of the listed rows (F, then sample)
-  uint8_t* flags;   // [n_max] 1: in F; 2: drawn (hub)
-  int32_t* cand;    // [n_max] top-k / top-p candidates
-  int32_t* f;       // [n_max] F ascending
-  int32_t* sample;  // [n_max] sampled tokens in draw order
-  int64_t* off;     // [n_max] element offsets of the listed rows
-  double* acc;      // [4, group, d] accumulators (see head_acc)
-  float* facc;      // [group, d] f32 block sums
-  float* qs;        // [group, d] scaled queries
+  float* logits;      // [group, n_max] logits of every head of a unit, indexed by token
+  float* cl;          // [group, n_max] logits, then weights, of the listed rows (F, then sample)
+  uint8_t* flags;     // [n_max] 1: in F; 2: drawn (hub)
+  int32_t* cand;      // [n_max] top-k / top-p candidates
+  int32_t* f;         // [n_max] F ascending
+  int32_t* sample;    // [n_max] sampled tokens in draw order
+  int64_t* off;       // [n_max] element offsets of the listed rows
+  double* acc;        // [4, group, d] accumulators (see head_acc)
+  float* facc;        // [group, d] f32 block sums
+  float* qs;          // [group, d] scaled queries
+  run_profile* prof;  // this thread's share of run_args::profile
 };
 
 // Accumulators of one head: F sums, sample sums and the base-sample moments.
@@ -77,7 +78,8 @@ layout_sizes scratch_sizes(int64_t n_max, int32_t group, int32_t d) {
   s.offs = align_up(sizeof(int64_t) * size_t(rows));
   s.acc = align_up(sizeof(double) * 4 * size_t(d) * group);
   s.facc = align_up(sizeof(float) * (size_t(d) + 1) * group);
-  s.total = 2 * s.logits + s.flags + 3 * s.ints + s.offs + s.acc + 2 * s.facc;
+  s.total = 2 * s.logits + s.flags + 3 * s.ints + s.offs + s.acc + 2 * s.facc +
+            align_up(sizeof(run_profile));
   return s;
 }
 
@@ -98,6 +100,7 @@ scratch carve(uint8_t* base, const layout_sizes& s) {
   w.acc = reinterpret_cast<double*>(take(s.acc));
   w.facc = reinterpret_cast<float*>(take(s.facc));
   w.qs = reinterpret_cast<float*>(take(s.facc));
+  w.prof = reinterpret_cast<run_profile*>(take(align_up(sizeof(run_profile))));
   return w;
 }
 
@@ -204,14 +207,19 @@ class unit_runner {
       for (int32_t j = 0; j < d_; ++j) ws_.qs[x * d_ + j] = q(x)[j] * ctx.scale;
   }
 
-  void run(run_profile& prof) {
+  void run() {
     const config& cfg = c_.cfg;
+    run_profile& prof = *ws_.prof;
     auto t0 = clock_type::now();
     stage_sizes st = resolve_stages(cfg, n_);
     if (st.dense) return run_dense(cfg.dense ? 0 : 1);
     const bool oracle = cfg.select != selector::none && cfg.pred == predictor::oracle;
     if (oracle || cfg.hub) all_logits();
-    if (cfg.hub) return run_hub(st);
+    if (cfg.hub) {
+      run_hub(st);
+      prof.select_s += seconds_since(t0);  // hub mode is not split into phases
+      return;
+    }
 
     uint8_t* flags = ws_.flags;
     std::memset(flags, 0, size_t(n_));
@@ -450,6 +458,7 @@ class unit_runner {
 
   // Exact attention over every token (the too-short fallback of a sparse configuration).
   void run_dense(int32_t fallback) {
+    const auto t0 = clock_type::now();
     all_logits();
     for (int64_t i = 0; i < n_; ++i) ws_.f[i] = int32_t(i);
     for (int32_t x = 0; x < g_; ++x) {
@@ -480,6 +489,7 @@ class unit_runner {
       hs.dense_fallback = fallback;
       emit(x, hs, n_, 0);
     }
+    ws_.prof->attend_s += seconds_since(t0);
   }
 
   // Partial selection: the k best (logit desc, position asc) of the middle, for each head; in a
@@ -769,20 +779,35 @@ void parallel_for(int64_t n, int32_t n_threads, F&& body) {
   if (failed) throw error(first_error);
 }
 
+// Per-thread phase times, zeroed before a run and added into run_args::profile after it.
+void reset_profiles(uint8_t* ws, size_t ws_per_thread, const layout_sizes& sizes, int32_t n) {
+  for (int32_t t = 0; t < n; ++t) *carve(ws + size_t(t) * ws_per_thread, sizes).prof = {};
+}
+void collect_profiles(uint8_t* ws, size_t ws_per_thread, const layout_sizes& sizes, int32_t n,
+                      run_profile* out) {
+  if (!out) return;
+  for (int32_t t = 0; t < n; ++t) {
+    const run_profile& p = *carve(ws + size_t(t) * ws_per_thread, sizes).prof;
+    out->select_s += p.select_s;
+    out->attend_s += p.attend_s;
+  }
+}
+
+// Items (sequence, kv head, chunk) with chunks_max chunks per (sequence, kv head); items past a
+// sequence's last chunk do nothing.
 template <dtype T>
-void run_dense_split(const run_ctx& ctx, uint8_t* ws, size_t ws_per_thread, int32_t n_threads) {
-  const int32_t G = ctx.p.n_head_q / ctx.p.n_head_kv;
-  const layout_sizes sizes = scratch_sizes(ctx.p.n_tokens_max, G, ctx.p.head_dim);
-  // Items (sequence, kv head, chunk), enumerated per sequence.
-  std::vector<int64_t> first(size_t(ctx.kv.n_seq) + 1, 0);
-  for (int32_t s = 0; s < ctx.kv.n_seq; ++s)
-    first[s + 1] = first[s] + int64_t(ctx.p.n_head_kv) * dense_chunks(ctx.kv.seq_len[s]);
-  const int64_t total = first.back();
-  parallel_for(total, n_threads, [&](int64_t i, int tid) {
-    const int32_t s = int32_t(std::upper_bound(first.begin(), first.end(), i) - first.begin() - 1);
-    const int64_t r = i - first[s], chunks = dense_chunks(ctx.kv.seq_len[s]);
-    dense_chunk<T>(ctx, carve(ws + size_t(tid) * ws_per_thread, sizes), s, int32_t(r / chunks),
-                   r % chunks);
+void run_dense_split(const run_ctx& ctx, uint8_t* ws, size_t ws_per_thread,
+                     const layout_sizes& sizes, int32_t n_threads) {
+  const int64_t per_seq = int64_t(ctx.p.n_head_kv) * ctx.chunks_max;
+  parallel_for(int64_t(ctx.kv.n_seq) * per_seq, n_threads, [&](int64_t i, int tid) {
+    const int32_t s = int32_t(i / per_seq);
+    const int32_t kvh = int32_t(i % per_seq / ctx.chunks_max);
+    const int64_t chunk = i % ctx.chunks_max;
+    if (chunk >= dense_chunks(ctx.kv.seq_len[s])) return;
+    const auto t0 = clock_type::now();
+    const scratch w = carve(ws + size_t(tid) * ws_per_thread, sizes);
+    dense_chunk<T>(ctx, w, s, kvh, chunk);
+    w.prof->attend_s += seconds_since(t0);
   });
   parallel_for(int64_t(ctx.kv.n_seq) * ctx.p.n_head_q, n_threads, [&](int64_t i, int) {
     dense_merge<T>(ctx, int32_t(i / ctx.p.n_head_q), int32_t(i % ctx.p.n_head_q));
@@ -791,20 +816,21 @@ void run_dense_split(const run_ctx& ctx, uint8_t* ws, size_t ws_per_thread, int3
 
 template <dtype T>
 void run_units(const run_ctx& ctx, uint8_t* ws, size_t ws_per_thread, int32_t n_threads) {
-  if (ctx.cfg.dense) return run_dense_split<T>(ctx, ws, ws_per_thread, n_threads);
   const int32_t group = unit_group(ctx.cfg, ctx.p);
-  const int32_t units_per_seq = ctx.p.n_head_q / group;
-  const int64_t n_units = int64_t(ctx.kv.n_seq) * units_per_seq;
   const layout_sizes sizes = scratch_sizes(ctx.p.n_tokens_max, group, ctx.p.head_dim);
-  std::vector<run_profile> prof(size_t(std::max(1, n_threads)));
-  parallel_for(n_units, n_threads, [&](int64_t u, int tid) {
-    const int32_t s = int32_t(u / units_per_seq), first = int32_t(u % units_per_seq) * group;
-    unit_runner<T> r(ctx, carve(ws + size_t(tid) * ws_per_thread, sizes), s, first, group);
-    r.run(prof[size_t(tid)]);
-  });
-  if (ctx.a.profile)
-    for (const run_profile& p : prof)
-      ctx.a.profile->select_s += p.select_s, ctx.a.profile->attend_s += p.attend_s;
+  reset_profiles(ws, ws_per_thread, sizes, n_threads);
+  if (ctx.cfg.dense) {
+    run_dense_split<T>(ctx, ws, ws_per_thread, sizes, n_threads);
+  } else {
+    const int32_t units_per_seq = ctx.p.n_head_q / group;
+    const int64_t n_units = int64_t(ctx.kv.n_seq) * units_per_seq;
+    parallel_for(n_units, n_threads, [&](int64_t u, int tid) {
+      const int32_t s = int32_t(u / units_per_seq), first = int32_t(u % units_per_seq) * group;
+      unit_runner<T> r(ctx, carve(ws + size_t(tid) * ws_per_thread, sizes), s, first, group);
+      r.run();
+    });
+  }
+  collect_profiles(ws, ws_per_thread, sizes, n_threads, ctx.a.profile);
 }
 
 }  // namespace

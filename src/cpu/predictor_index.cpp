@@ -184,11 +184,13 @@ bad_key build_unit(impl& ix, const kv_cache& kv, int64_t row0, int32_t s, int64_
       }
       if (bad) return {t, h};
       const float* w = ix.proj.data() + int64_t(h) * R * d;
+      const float* bias = ix.bias.data() + (int64_t(s) * H + h) * R;
       uint32_t* sig = ix.sig.data() + sig_offset(ix, s, h, t);
       for (int32_t i = 0; i < ix.words; ++i) {
         uint32_t word = 0;
         for (int32_t b = 0; b < 32; ++b)
-          word |= uint32_t(ops.dot_f32(w + int64_t(32 * i + b) * d, kf, d) >= 0.0f) << b;
+          word |= uint32_t(ops.dot_f32(w + int64_t(32 * i + b) * d, kf, d) >= bias[32 * i + b])
+                  << b;
         sig[i] = word;
       }
     }
@@ -205,9 +207,45 @@ int64_t seq_row0(const kv_cache& kv, int32_t s) {
   return r;
 }
 
+// Whether an update rebuilds slot s: it got shorter (a new sequence), or its sign-bit keys get
+// centred now.
+bool rebuilds(const impl& ix, const kv_cache& kv, int32_t s) {
+  const int64_t had = ix.count[s], n = kv.seq_len[s];
+  if (had > n) return true;
+  return ix.cfg.pred == predictor::sign_bits && had < k_center_tokens && n >= k_center_tokens;
+}
+
 // The first token an update appends to slot s (0 when the slot is rebuilt).
 int64_t first_new(const impl& ix, const kv_cache& kv, int32_t s) {
-  return ix.count[s] > kv.seq_len[s] ? 0 : ix.count[s];
+  return rebuilds(ix, kv, s) ? 0 : ix.count[s];
+}
+
+// Sign bits: the per-bit thresholds w_r . mu of a slot being rebuilt, mu the mean of its first
+// k_center_tokens keys per kv head (0 while the slot is shorter).
+template <dtype T>
+void center_slot(impl& ix, const kv_cache& kv, int32_t s) {
+  using E = typename storage<T>::type;
+  const int32_t d = ix.p.head_dim, H = ix.p.n_head_kv, R = ix.cfg.pred_bits;
+  float* bias = ix.bias.data() + int64_t(s) * H * R;
+  if (kv.seq_len[s] < k_center_tokens) {
+    std::fill(bias, bias + int64_t(H) * R, 0.0f);
+    return;
+  }
+  const E* k = static_cast<const E*>(kv.k);
+  const int64_t row0 = seq_row0(kv, s);
+  std::vector<double> sum(static_cast<size_t>(d), 0.0);
+  float mu[k_max_head_dim];
+  for (int32_t h = 0; h < H; ++h) {
+    std::fill(sum.begin(), sum.end(), 0.0);
+    for (int64_t t = 0; t < k_center_tokens; ++t) {
+      const E* row = k + row_offset(kv, row0, s, t, h);
+      for (int32_t j = 0; j < d; ++j) sum[j] += double(storage<T>::load(row[j]));
+    }
+    for (int32_t j = 0; j < d; ++j) mu[j] = float(sum[j] / double(k_center_tokens));
+    const float* w = ix.proj.data() + int64_t(h) * R * d;
+    for (int32_t r = 0; r < R; ++r)
+      bias[h * R + r] = active_row_ops().dot_f32(w + int64_t(r) * d, mu, d);
+  }
 }
 
 template <dtype T>
@@ -224,6 +262,9 @@ void update_typed(impl& ix, const kv_cache& kv) {
     work += kv.seq_len[s] - t0;
   }
   const int64_t n_units = int64_t(kv.n_seq) * n_chunks;
+  if (ix.cfg.pred == predictor::sign_bits)
+    for (int32_t s = 0; s < kv.n_seq; ++s)
+      if (rebuilds(ix, kv, s) || ix.count[s] == 0) center_slot<T>(ix, kv, s);
   const double per_token =
       double(ix.p.head_dim) * H * (ix.cfg.pred == predictor::sign_bits ? ix.cfg.pred_bits : 1);
 
@@ -374,7 +415,7 @@ template <int W>
 matches_fn pick_matches() {
 #if VATTN_X86
   // every CPU with AVX2 has POPCNT; VATTN_SIMD=scalar exercises the portable count
-  if (active_simd_level() == simd_level::avx2) return matches_popcnt<W>;
+  if (active_simd_level() >= simd_level::avx2) return matches_popcnt<W>;
 #endif
   return matches_portable<W>;
 }
@@ -448,6 +489,7 @@ predictor_index::predictor_index(const config& cfg, const plan_params& params) {
   } else {
     ix->sig.assign(size_t(heads) * size_t(p.n_tokens_max) * size_t(ix->words), 0);
     ix->proj.resize(size_t(p.n_head_kv) * size_t(cfg.pred_bits) * size_t(p.head_dim));
+    ix->bias.assign(size_t(heads) * size_t(cfg.pred_bits), 0.0f);
     draw_projections(*ix);
   }
   impl_ = ix.release();
@@ -522,7 +564,7 @@ int64_t predictor_index::tokens(int32_t slot) const {
 size_t predictor_index::memory_bytes() const {
   const impl& ix = checked(impl_);
   return ix.lo.size() + ix.hi.size() + ix.sig.size() * sizeof(uint32_t) +
-         ix.proj.size() * sizeof(float) + ix.count.size() * sizeof(int64_t);
+         (ix.proj.size() + ix.bias.size()) * sizeof(float) + ix.count.size() * sizeof(int64_t);
 }
 
 const config& predictor_index::cfg() const {
@@ -544,7 +586,7 @@ void page_upper_bounds(const pred_impl& ix, int32_t slot, int32_t kvh, const flo
   const int64_t n = p1 - p0;
   const int32_t d = ix.p.head_dim;
 #if VATTN_X86
-  if (active_simd_level() == simd_level::avx2) {
+  if (active_simd_level() >= simd_level::avx2) {  // avx512 too: its CPUs have AVX2
     switch (ix.p.kv_type) {
       case dtype::f32:
         return bounds_avx2<dtype::f32>(lo, hi, q, n, d, out);

@@ -5,7 +5,12 @@
 //   are exact); a page's score is sum_j max(q_j lo_j, q_j hi_j) >= q.k for every key of the page;
 // - sign_bits (SimHash): bit r of a token's signature is [w_r . k >= 0] for the kv head's
 //   projection rows w_r (Gaussian, drawn from the config's seed, or learned); a token's score is
-//   the number of bits its signature shares with the query's.
+//   the number of bits its signature shares with the query's. Keys are centred first: once a
+//   slot holds k_center_tokens keys, bit r is [w_r . (k - mu) >= 0] with mu the mean of the
+//   slot's first k_center_tokens keys (per kv head). Keys share large constant components
+//   (outlier channels) that would otherwise fix most bits; q . mu is the same for every token,
+//   so centring leaves the ranking target q . k unchanged. A slot that reaches k_center_tokens
+//   is rebuilt once, so appending and rebuilding still agree.
 #pragma once
 
 #include <cstdint>
@@ -14,6 +19,8 @@
 #include "vattn/vattn.hpp"
 
 namespace vattn {
+
+constexpr int64_t k_center_tokens = 256;
 
 struct predictor_index::impl {
   config cfg;
@@ -24,6 +31,7 @@ struct predictor_index::impl {
   std::vector<int64_t> count;   // [n_seq_max] tokens each slot holds
   std::vector<uint8_t> lo, hi;  // page_bounds: [slot, kv head, page, head_dim] in kv dtype
   std::vector<uint32_t> sig;    // sign_bits: [slot, kv head, token, words]
+  std::vector<float> bias;      // sign_bits: [slot, kv head, bit] w_r . mu (0 before centring)
 
   const uint8_t* lo_row(int32_t slot, int32_t kvh, int64_t page) const;
   const uint8_t* hi_row(int32_t slot, int32_t kvh, int64_t page) const;
