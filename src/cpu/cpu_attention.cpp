@@ -252,7 +252,8 @@ class unit_runner {
 
     // Phase 1: F and the first m0 draws, with moments, in one stabiliser per head.
     list_rows(0, ws_.f, n_f);
-    list_rows(n_f, ws_.sample, m0);
+    ascending(ws_.sample, m0, ws_.cand);
+    list_rows(n_f, ws_.cand, m0);
     list_logits(0, n_f + m0);
     for (int32_t x = 0; x < g_; ++x) bind_acc(x);
     weigh(n_f, m0);
@@ -331,8 +332,24 @@ class unit_runner {
   void list_rows(int64_t at, const int32_t* tok, int64_t cnt) {
     for (int64_t i = 0; i < cnt; ++i) ws_.off[at + i] = src_.offset(tok[i]);
   }
+  // Listed rows: F ascending, then the sample's phases (base draws, then the extension), each
+  // sorted ascending in ws_.cand so gathers walk memory forward (at high density nearly a
+  // stream). Sums do not depend on the order beyond rounding.
   const int32_t* list_token_ptr(int64_t at, int64_t n_f) const {
-    return at < n_f ? ws_.f + at : ws_.sample + (at - n_f);
+    return at < n_f ? ws_.f + at : ws_.cand + (at - n_f);
+  }
+
+  // dst = src[0, cnt) in ascending order: a sort when short, else a pass over a bitmap of n.
+  void ascending(const int32_t* src, int64_t cnt, int32_t* dst) {
+    if (cnt * 16 < n_) {
+      std::copy(src, src + cnt, dst);
+      std::sort(dst, dst + cnt);
+      return;
+    }
+    for (int64_t i = 0; i < cnt; ++i) ws_.flags[src[i]] |= 4;
+    int64_t k = 0;
+    for (int64_t t = 0; t < n_; ++t)
+      if (ws_.flags[t] & 4) dst[k++] = int32_t(t), ws_.flags[t] &= uint8_t(~4);
   }
 
   // Logits of listed rows [at, at + cnt): copied when every logit is known, else computed.
@@ -347,8 +364,7 @@ class unit_runner {
         at += c1, cnt -= c1;
       }
       if (cnt > 0)
-        src_.logits(ws_.qs, g_, d_, ws_.off + at, ws_.sample + (at - n_f), cnt, ws_.cl + at,
-                    n_max_);
+        src_.logits(ws_.qs, g_, d_, ws_.off + at, ws_.cand + (at - n_f), cnt, ws_.cl + at, n_max_);
       return;
     }
     for (int32_t x = 0; x < g_; ++x)
@@ -410,7 +426,8 @@ class unit_runner {
   // Adds draws [m0, b) to each head's sample sums, rescaling if a larger logit appears.
   void extend(int64_t n_f, int64_t m0, int64_t b) {
     const int64_t at = n_f + m0, cnt = b - m0;
-    list_rows(at, ws_.sample + m0, cnt);
+    ascending(ws_.sample + m0, cnt, ws_.cand + m0);
+    list_rows(at, ws_.cand + m0, cnt);
     list_logits(at, cnt);
     for (int32_t x = 0; x < g_; ++x) {
       head_acc& A = acc_[x];

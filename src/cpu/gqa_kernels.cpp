@@ -2,9 +2,11 @@
 // scalar ones are the portable baseline and the test oracle of the AVX2 ones.
 #include "cpu/gqa_kernels.hpp"
 
+#include <algorithm>
 #include <cmath>
 
 #include "cpu/avx2_util.hpp"
+#include "cpu/gqa_kernels_avx512.hpp"
 
 namespace vattn::detail {
 
@@ -140,25 +142,84 @@ VATTN_AVX2 void logits_avx2(const float* q, int32_t G, int32_t d,
   }
 }
 
+// H heads (1..4) over a block of rows for one 16-float slice of d: the accumulators stay in
+// registers while the block's rows (in L1 after the first slice) stream past.
+template <dtype T, int H>
+VATTN_AVX2 inline void wsum_slice(const float* w, int64_t ldw, int32_t d, int32_t j,
+                                  const typename storage<T>::type* base, const int64_t* off,
+                                  int64_t cnt, float* acc) {
+  using L = avx2::load8<T>;
+  __m256 a[H][2];
+  for (int h = 0; h < H; ++h) {
+    a[h][0] = _mm256_loadu_ps(acc + h * d + j);
+    a[h][1] = _mm256_loadu_ps(acc + h * d + j + 8);
+  }
+  for (int64_t i = 0; i < cnt; ++i) {
+    const auto* r = base + off[i] + j;
+    const __m256 v0 = L::at(r), v1 = L::at(r + 8);
+    for (int h = 0; h < H; ++h) {
+      const __m256 e = _mm256_broadcast_ss(w + h * ldw + i);
+      a[h][0] = _mm256_fmadd_ps(e, v0, a[h][0]);
+      a[h][1] = _mm256_fmadd_ps(e, v1, a[h][1]);
+    }
+  }
+  for (int h = 0; h < H; ++h) {
+    _mm256_storeu_ps(acc + h * d + j, a[h][0]);
+    _mm256_storeu_ps(acc + h * d + j + 8, a[h][1]);
+  }
+}
+
+template <dtype T, int H>
+VATTN_AVX2 void wsum_heads(const float* w, int64_t ldw, int32_t d,
+                           const typename storage<T>::type* base, const int64_t* off, int64_t cnt,
+                           float* acc) {
+  using L = avx2::load8<T>;
+  const int32_t d16 = d / 16 * 16;
+  for (int32_t j = 0; j < d16; j += 16) wsum_slice<T, H>(w, ldw, d, j, base, off, cnt, acc);
+  for (int64_t i = 0; i < cnt; ++i) {
+    const auto* r = base + off[i];
+    int32_t j = d16;
+    if (j + 8 <= d) {
+      const __m256 v = L::at(r + j);
+      for (int h = 0; h < H; ++h) {
+        float* a = acc + h * d + j;
+        _mm256_storeu_ps(a, _mm256_fmadd_ps(_mm256_set1_ps(w[h * ldw + i]), v, _mm256_loadu_ps(a)));
+      }
+      j += 8;
+    }
+    for (; j < d; ++j) {
+      const float v = storage<T>::load(r[j]);
+      for (int h = 0; h < H; ++h) acc[h * d + j] += w[h * ldw + i] * v;
+    }
+  }
+}
+
 template <dtype T>
 VATTN_AVX2 void wsum_avx2(const float* w, int64_t ldw, int32_t G, int32_t d,
                           const typename storage<T>::type* base, const int64_t* off, int64_t cnt,
                           float* acc) {
-  using L = avx2::load8<T>;
-  const int32_t d8 = d / 8 * 8;
-  for (int64_t i = 0; i < cnt; ++i) {
-    if (i + k_prefetch < cnt) prefetch_row(base + off[i + k_prefetch], d);
-    const auto* r = base + off[i];
-    for (int32_t j = 0; j < d8; j += 8) {
-      const __m256 v = L::at(r + j);
-      for (int32_t g = 0; g < G; ++g) {
-        float* a = acc + int64_t(g) * d + j;
-        _mm256_storeu_ps(a, _mm256_fmadd_ps(_mm256_set1_ps(w[g * ldw + i]), v, _mm256_loadu_ps(a)));
+  constexpr int64_t block = 32;  // rows per block: 32 x 256 B stays in L1 across the slices
+  for (int64_t i0 = 0; i0 < cnt; i0 += block) {
+    const int64_t n = std::min(block, cnt - i0);
+    for (int64_t i = i0 + block; i < std::min(cnt, i0 + 2 * block); ++i)
+      prefetch_row(base + off[i], d);
+    for (int32_t g = 0; g < G; g += 4) {
+      const float* wg = w + g * ldw + i0;
+      float* ag = acc + int64_t(g) * d;
+      switch (std::min(4, G - g)) {
+        case 4:
+          wsum_heads<T, 4>(wg, ldw, d, base, off + i0, n, ag);
+          break;
+        case 3:
+          wsum_heads<T, 3>(wg, ldw, d, base, off + i0, n, ag);
+          break;
+        case 2:
+          wsum_heads<T, 2>(wg, ldw, d, base, off + i0, n, ag);
+          break;
+        default:
+          wsum_heads<T, 1>(wg, ldw, d, base, off + i0, n, ag);
+          break;
       }
-    }
-    for (int32_t j = d8; j < d; ++j) {
-      const float v = storage<T>::load(r[j]);
-      for (int32_t g = 0; g < G; ++g) acc[int64_t(g) * d + j] += w[g * ldw + i] * v;
     }
   }
 }
@@ -206,7 +267,8 @@ VATTN_AVX2 void moments_avx2(const float* w, int64_t ldw, int32_t G, int32_t d,
 VATTN_AVX2 inline __m256 exp8(__m256 x) {
   const __m256 lo = _mm256_set1_ps(-87.0f);
   const __m256 under = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);
-  x = _mm256_min_ps(_mm256_max_ps(x, lo), _mm256_set1_ps(88.0f));
+  // max/min return their second operand for NaN: x last keeps a NaN argument NaN.
+  x = _mm256_min_ps(_mm256_set1_ps(88.0f), _mm256_max_ps(lo, x));
   const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
@@ -250,6 +312,7 @@ template <dtype T>
 const gqa_ops<T>& gqa_ops_for(simd_level l) {
 #if VATTN_X86
   if (l == simd_level::avx2) return tables<T>::avx2;
+  if (l == simd_level::avx512) return avx512::gqa_ops_table<T>();
 #endif
   (void)l;
   return tables<T>::scalar;
@@ -261,6 +324,7 @@ template const gqa_ops<dtype::bf16>& gqa_ops_for<dtype::bf16>(simd_level);
 void exp_inplace(simd_level l, float* x, int64_t n) {
 #if VATTN_X86
   if (l == simd_level::avx2) return exp_avx2(x, n);
+  if (l == simd_level::avx512) return avx512::exp_inplace(x, n);
 #endif
   (void)l;
   exp_scalar(x, n);
