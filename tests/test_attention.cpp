@@ -159,6 +159,10 @@ TEST(CpuVsReference, OddHeadDims) {
     batch b = make_batch(synth::family::power_law, {200, 65}, 2, 2, d, dtype::bf16,
                          kv_layout::contiguous, 9);
     expect_matches_reference(cfg, b, "d=" + std::to_string(d));
+    // Dense with 4 query heads per kv head (the two-row kernel when d % 8 == 0), several chunks.
+    batch bd = make_batch(synth::family::power_law, {600, 3}, 8, 2, d, dtype::bf16,
+                          kv_layout::contiguous, 10);
+    expect_matches_reference(small_config("dense"), bd, "dense d=" + std::to_string(d));
   }
 }
 

@@ -53,6 +53,7 @@ struct bench_options {
   uint64_t seed = 1;
   std::string csv;
   std::string layout = "contiguous";
+  std::string kv_order = "nhd";  // token-major rows (nhd) or each head's rows together (hnd)
   int32_t page_size = 16;
   int64_t stream_mib = 1024;
 };
@@ -149,6 +150,7 @@ void make_dataset(dataset& ds, const bench_options& o, synth::family fam, int64_
   ds.v.reserve(size_t(rows * row) * es);
   ds.q.resize(size_t(batch) * o.n_head_q * o.head_dim);
   ds.seq_len.assign(size_t(batch), int32_t(n));
+  const bool hnd = o.kv_order == "hnd";
   if (layout == kv_layout::paged) {
     // Sequences' pages scattered over the pool, as an allocator that reuses pages leaves them.
     const int64_t total = batch * pages_per_seq;
@@ -176,8 +178,19 @@ void make_dataset(dataset& ds, const bench_options& o, synth::family fam, int64_
       const int64_t r = layout == kv_layout::paged
                             ? int64_t(ds.page_table[b * pages_per_seq + i / page]) * page + i % page
                             : b * n + i;
-      convert_row(p.k.data() + i * row, kd + size_t(r * row) * es, row, t);
-      convert_row(p.v.data() + i * row, vd + size_t(r * row) * es, row, t);
+      if (!hnd) {
+        convert_row(p.k.data() + i * row, kd + size_t(r * row) * es, row, t);
+        convert_row(p.v.data() + i * row, vd + size_t(r * row) * es, row, t);
+        continue;
+      }
+      for (int32_t h = 0; h < o.n_head_kv; ++h) {  // head h's rows: [page][head][token][dim]
+        const int64_t d = o.head_dim;
+        const int64_t at = layout == kv_layout::paged
+                               ? (r / page) * row * page + h * page * d + (r % page) * d
+                               : h * rows * d + r * d;
+        convert_row(p.k.data() + i * row + h * d, kd + size_t(at) * es, d, t);
+        convert_row(p.v.data() + i * row + h * d, vd + size_t(at) * es, d, t);
+      }
     }
     ds.convert_s += seconds_since(t0);
     prog.tick(b + 1);
@@ -191,6 +204,11 @@ void make_dataset(dataset& ds, const bench_options& o, synth::family fam, int64_
   kv.v = ds.v.data();
   kv.n_seq = batch;
   kv.seq_len = ds.seq_len.data();
+  if (hnd) {
+    kv.stride_token = o.head_dim;
+    kv.stride_head = (layout == kv_layout::paged ? page : rows) * o.head_dim;
+    if (layout == kv_layout::paged) kv.stride_page = page * row;
+  }
   if (layout == kv_layout::paged) {
     kv.page_size = int32_t(page);
     kv.page_table = ds.page_table.data();
@@ -505,6 +523,8 @@ void validate(const bench_options& o) {
     throw error("--threads must be >= 0 (0: all), got " + std::to_string(o.threads));
   if (o.layout != "contiguous" && o.layout != "paged")
     throw error("--layout must be contiguous or paged, got '" + o.layout + "'");
+  if (o.kv_order != "nhd" && o.kv_order != "hnd")
+    throw error("--kv-order must be nhd or hnd, got '" + o.kv_order + "'");
   if (o.page_size < 1 || o.page_size > (1 << 20))
     throw error("--page-size must be in [1, 2^20] tokens, got " + std::to_string(o.page_size));
   if (o.stream_mib < 1) throw error("--stream-mib must be >= 1");
@@ -624,6 +644,7 @@ void run_bench(const bench_options& o, bool json) {
                    {"reps", o.reps},
                    {"seed", o.seed},
                    {"layout", o.layout},
+                   {"kv_order", o.kv_order},
                    {"page_size", o.page_size},
                    {"timing", "median and min of reps after one warm-up run"},
                    {"select_frac", "total select_s / (select_s + attend_s) over the timed runs"}};
@@ -704,6 +725,10 @@ void add_bench(CLI::App& app, bool& json) {
       ->capture_default_str();
   c->add_option("--csv", o->csv, "also write the rows to this CSV file");
   c->add_option("--layout", o->layout, "KV layout: contiguous or paged")->capture_default_str();
+  c->add_option("--kv-order", o->kv_order,
+                "nhd: each token's kv heads together; hnd: each kv head's tokens together "
+                "(per page when paged)")
+      ->capture_default_str();
   c->add_option("--page-size", o->page_size, "KV page size in tokens (paged layout)")
       ->capture_default_str();
   c->add_option("--stream-mib", o->stream_mib, "buffer of the stream-read measurement, MiB")

@@ -37,7 +37,7 @@ size_t align_up(size_t x) {
 
 // Tokens per split-KV chunk of the dense path: fixed (not derived from the thread count), so
 // every thread count gives the same partial states and the same merged output.
-constexpr int64_t k_dense_chunk = 1024;
+constexpr int64_t k_dense_chunk = 256;
 // Rows per f32 block of a weighted V sum before it is added into the double accumulators.
 constexpr int64_t k_flush = 512;
 
@@ -105,8 +105,14 @@ scratch carve(uint8_t* base, const layout_sizes& s) {
 }
 
 int32_t unit_group(const config& cfg, const plan_params& p) {
-  // Dense attention always packs a kv group: one row read serves every head.
-  return cfg.gqa_shared || cfg.dense ? p.n_head_q / p.n_head_kv : 1;
+  // Dense attention works on every head of a sequence at once (one row read serves a group).
+  if (cfg.dense) return p.n_head_q;
+  return cfg.gqa_shared ? p.n_head_q / p.n_head_kv : 1;
+}
+
+// Token rows a thread's scratch holds: a dense chunk, or the longest sequence.
+int64_t scratch_rows(const config& cfg, const plan_params& p) {
+  return cfg.dense ? k_dense_chunk : p.n_tokens_max;
 }
 
 // Everything a unit needs that does not change across units of one run.
@@ -692,37 +698,41 @@ int64_t dense_chunks(int64_t n) {
   return (n + k_dense_chunk - 1) / k_dense_chunk;
 }
 
-// One chunk of one kv group: partial state (max m, sum l, output o = sum e v / l) per head.
+// One chunk of one sequence, every kv head, token by token: partial state (max m, sum l, output
+// o = sum e v) per query head.
 template <dtype T>
-void dense_chunk(const run_ctx& c, scratch ws, int32_t s, int32_t kvh, int64_t chunk) {
-  const int32_t G = c.p.n_head_q / c.p.n_head_kv, d = c.p.head_dim;
+void dense_chunk(const run_ctx& c, scratch ws, int32_t s, int64_t chunk) {
+  const int32_t H = c.p.n_head_kv, G = c.p.n_head_q / H, d = c.p.head_dim, Q = c.p.n_head_q;
   const int64_t n = c.kv.seq_len[s], t0 = chunk * k_dense_chunk;
   const int64_t cnt = std::min(k_dense_chunk, n - t0);
-  row_source<T> src(c, s, kvh);
-  for (int32_t x = 0; x < G; ++x) {
-    const float* q = c.a.q + (int64_t(s) * c.p.n_head_q + kvh * G + x) * d;
-    for (int32_t j = 0; j < d; ++j) ws.qs[x * d + j] = q[j] * c.scale;
-  }
-  int32_t* tok = ws.f;
-  for (int64_t i = 0; i < cnt; ++i) ws.off[i] = src.offset(t0 + i), tok[i] = int32_t(t0 + i);
-  src.logits(ws.qs, G, d, ws.off, tok, cnt, ws.cl, k_dense_chunk);
-  float* m = ws.facc + int64_t(G) * d;  // [G] chunk maxima, after the f32 sums
-  for (int32_t x = 0; x < G; ++x) {
+  const dense_ops<T>& ops = dense_ops_for<T>(active_simd_level());
+  const auto* kb = static_cast<const typename storage<T>::type*>(c.kv.k);
+  const auto* vb = static_cast<const typename storage<T>::type*>(c.kv.v);
+  const float* q = c.a.q + int64_t(s) * Q * d;
+  for (int64_t j = 0; j < int64_t(Q) * d; ++j) ws.qs[j] = q[j] * c.scale;
+  for (int64_t i = 0; i < cnt; ++i) ws.off[i] = row_offset(c.kv, c.row0[s], s, t0 + i, 0);
+  ops.logits(ws.qs, H, G, d, kb, ws.off, c.kv.stride_head, cnt, ws.cl, k_dense_chunk);
+  float* m = ws.facc + int64_t(Q) * d;  // [Q] chunk maxima, after the f32 sums
+  for (int32_t x = 0; x < Q; ++x) {
     float* l = ws.cl + x * k_dense_chunk;
     m[x] = -INFINITY;
-    for (int64_t i = 0; i < cnt; ++i) m[x] = std::max(m[x], l[i]);
+    for (int64_t i = 0; i < cnt; ++i) {
+      if (!std::isfinite(l[i]))
+        fail_at("k contains NaN/Inf (or q.k overflows) at seq " + std::to_string(s) + ", token " +
+                std::to_string(t0 + i) + ", kv head " + std::to_string(x / G));
+      m[x] = std::max(m[x], l[i]);
+    }
     for (int64_t i = 0; i < cnt; ++i) l[i] -= m[x];
     exp_inplace(active_simd_level(), l, cnt);
   }
-  std::fill(ws.facc, ws.facc + int64_t(G) * d, 0.0f);
-  src.ops().wsum(ws.cl, k_dense_chunk, G, d, src.v(), ws.off, cnt, ws.facc);
+  std::fill(ws.facc, ws.facc + int64_t(Q) * d, 0.0f);
+  ops.wsum(ws.cl, k_dense_chunk, H, G, d, vb, ws.off, c.kv.stride_head, cnt, ws.facc);
   const int64_t stride = d + 2;
-  for (int32_t x = 0; x < G; ++x) {
+  for (int32_t x = 0; x < Q; ++x) {
     double l = 0;
     const float* e = ws.cl + x * k_dense_chunk;
     for (int64_t i = 0; i < cnt; ++i) l += double(e[i]);
-    float* st =
-        c.partials + ((int64_t(s) * c.p.n_head_q + kvh * G + x) * c.chunks_max + chunk) * stride;
+    float* st = c.partials + ((int64_t(s) * Q + x) * c.chunks_max + chunk) * stride;
     st[0] = m[x];
     st[1] = float(l);
     for (int32_t j = 0; j < d; ++j) st[2 + j] = ws.facc[x * d + j];
@@ -810,20 +820,18 @@ void collect_profiles(uint8_t* ws, size_t ws_per_thread, const layout_sizes& siz
   }
 }
 
-// Items (sequence, kv head, chunk) with chunks_max chunks per (sequence, kv head); items past a
-// sequence's last chunk do nothing.
+// Items (sequence, chunk) with chunks_max chunks per sequence; items past a sequence's last
+// chunk do nothing.
 template <dtype T>
 void run_dense_split(const run_ctx& ctx, uint8_t* ws, size_t ws_per_thread,
                      const layout_sizes& sizes, int32_t n_threads) {
-  const int64_t per_seq = int64_t(ctx.p.n_head_kv) * ctx.chunks_max;
-  parallel_for(int64_t(ctx.kv.n_seq) * per_seq, n_threads, [&](int64_t i, int tid) {
-    const int32_t s = int32_t(i / per_seq);
-    const int32_t kvh = int32_t(i % per_seq / ctx.chunks_max);
+  parallel_for(int64_t(ctx.kv.n_seq) * ctx.chunks_max, n_threads, [&](int64_t i, int tid) {
+    const int32_t s = int32_t(i / ctx.chunks_max);
     const int64_t chunk = i % ctx.chunks_max;
     if (chunk >= dense_chunks(ctx.kv.seq_len[s])) return;
     const auto t0 = clock_type::now();
     const scratch w = carve(ws + size_t(tid) * ws_per_thread, sizes);
-    dense_chunk<T>(ctx, w, s, kvh, chunk);
+    dense_chunk<T>(ctx, w, s, chunk);
     w.prof->attend_s += seconds_since(t0);
   });
   parallel_for(int64_t(ctx.kv.n_seq) * ctx.p.n_head_q, n_threads, [&](int64_t i, int) {
@@ -834,7 +842,7 @@ void run_dense_split(const run_ctx& ctx, uint8_t* ws, size_t ws_per_thread,
 template <dtype T>
 void run_units(const run_ctx& ctx, uint8_t* ws, size_t ws_per_thread, int32_t n_threads) {
   const int32_t group = unit_group(ctx.cfg, ctx.p);
-  const layout_sizes sizes = scratch_sizes(ctx.p.n_tokens_max, group, ctx.p.head_dim);
+  const layout_sizes sizes = scratch_sizes(scratch_rows(ctx.cfg, ctx.p), group, ctx.p.head_dim);
   reset_profiles(ws, ws_per_thread, sizes, n_threads);
   if (ctx.cfg.dense) {
     run_dense_split<T>(ctx, ws, ws_per_thread, sizes, n_threads);
@@ -859,7 +867,7 @@ plan::plan(const config& cfg, const plan_params& params) : cfg_(cfg), params_(pa
   const int32_t group = unit_group(cfg_, params_);
   if (cfg_.gqa_shared && group > 256)
     throw error("plan_params: gqa_shared supports at most 256 query heads per kv head");
-  ws_per_thread_ = scratch_sizes(params_.n_tokens_max, group, params_.head_dim).total;
+  ws_per_thread_ = scratch_sizes(scratch_rows(cfg_, params_), group, params_.head_dim).total;
   ws_shared_ = align_up(sizeof(int64_t) * size_t(params_.n_seq_max));
   if (cfg_.dense)  // split-KV partial states
     ws_shared_ +=

@@ -12,7 +12,8 @@ namespace vattn::detail {
 
 namespace {
 
-constexpr int64_t k_prefetch = 8;  // rows ahead
+constexpr int64_t k_prefetch = 8;     // rows ahead
+constexpr int64_t k_dense_ahead = 4;  // dense: tokens ahead
 
 // ---- scalar ----------------------------------------------------------------------------------
 
@@ -70,6 +71,30 @@ void moments_scalar(const float* w, int64_t ldw, int32_t G, int32_t d,
   }
 }
 
+template <dtype T>
+void dense_logits_scalar(const float* q, int32_t H, int32_t G, int32_t d,
+                         const typename storage<T>::type* base, const int64_t* off, int64_t hs,
+                         int64_t cnt, float* out, int64_t ld) {
+  for (int64_t i = 0; i < cnt; ++i)
+    for (int32_t h = 0; h < H; ++h) {
+      const int64_t o = off[i] + h * hs;
+      logits_scalar<T>(q + int64_t(h) * G * d, G, d, base, &o, 1, out + int64_t(h) * G * ld + i,
+                       ld);
+    }
+}
+
+template <dtype T>
+void dense_wsum_scalar(const float* w, int64_t ldw, int32_t H, int32_t G, int32_t d,
+                       const typename storage<T>::type* base, const int64_t* off, int64_t hs,
+                       int64_t cnt, float* acc) {
+  for (int64_t i = 0; i < cnt; ++i)
+    for (int32_t h = 0; h < H; ++h) {
+      const int64_t o = off[i] + h * hs;
+      wsum_scalar<T>(w + int64_t(h) * G * ldw + i, ldw, G, d, base, &o, 1,
+                     acc + int64_t(h) * G * d);
+    }
+}
+
 void exp_scalar(float* x, int64_t n) {
   for (int64_t i = 0; i < n; ++i) x[i] = x[i] < -87.0f ? 0.0f : std::exp(x[i]);
 }
@@ -82,6 +107,14 @@ VATTN_AVX2 inline void prefetch_row(const E* r, int32_t d) {
   const char* p = reinterpret_cast<const char*>(r);
   const int64_t bytes = int64_t(d) * int64_t(sizeof(E));
   for (int64_t b = 0; b < bytes; b += 64) _mm_prefetch(p + b, _MM_HINT_T0);
+}
+
+// Every kv head's row of one token, in address order: one span when the heads of a token are
+// adjacent (hs = d, the usual token-major layout), else row by row.
+template <typename E>
+VATTN_AVX2 inline void prefetch_token(const E* r, int32_t H, int64_t hs, int32_t d) {
+  if (hs == d) return prefetch_row(r, H * d);
+  for (int32_t h = 0; h < H; ++h) prefetch_row(r + h * hs, d);
 }
 
 // H heads (1..4) against one row: two FMA chains per head.
@@ -147,7 +180,8 @@ VATTN_AVX2 void logits_avx2(const float* q, int32_t G, int32_t d,
 template <dtype T, int H>
 VATTN_AVX2 inline void wsum_slice(const float* w, int64_t ldw, int32_t d, int32_t j,
                                   const typename storage<T>::type* base, const int64_t* off,
-                                  int64_t cnt, float* acc) {
+                                  int64_t cnt, float* acc,
+                                  const typename storage<T>::type* const* pf) {
   using L = avx2::load8<T>;
   __m256 a[H][2];
   for (int h = 0; h < H; ++h) {
@@ -155,6 +189,7 @@ VATTN_AVX2 inline void wsum_slice(const float* w, int64_t ldw, int32_t d, int32_
     a[h][1] = _mm256_loadu_ps(acc + h * d + j + 8);
   }
   for (int64_t i = 0; i < cnt; ++i) {
+    if (pf) prefetch_row(pf[i], d);
     const auto* r = base + off[i] + j;
     const __m256 v0 = L::at(r), v1 = L::at(r + 8);
     for (int h = 0; h < H; ++h) {
@@ -172,10 +207,11 @@ VATTN_AVX2 inline void wsum_slice(const float* w, int64_t ldw, int32_t d, int32_
 template <dtype T, int H>
 VATTN_AVX2 void wsum_heads(const float* w, int64_t ldw, int32_t d,
                            const typename storage<T>::type* base, const int64_t* off, int64_t cnt,
-                           float* acc) {
+                           float* acc, const typename storage<T>::type* const* pf) {
   using L = avx2::load8<T>;
   const int32_t d16 = d / 16 * 16;
-  for (int32_t j = 0; j < d16; j += 16) wsum_slice<T, H>(w, ldw, d, j, base, off, cnt, acc);
+  for (int32_t j = 0; j < d16; j += 16)
+    wsum_slice<T, H>(w, ldw, d, j, base, off, cnt, acc, j == 0 ? pf : nullptr);
   for (int64_t i = 0; i < cnt; ++i) {
     const auto* r = base + off[i];
     int32_t j = d16;
@@ -198,26 +234,31 @@ template <dtype T>
 VATTN_AVX2 void wsum_avx2(const float* w, int64_t ldw, int32_t G, int32_t d,
                           const typename storage<T>::type* base, const int64_t* off, int64_t cnt,
                           float* acc) {
-  constexpr int64_t block = 32;  // rows per block: 32 x 256 B stays in L1 across the slices
+  constexpr int64_t block = 16;  // rows per block
+  using E = typename storage<T>::type;
+  const E* pf[block];  // the next block's rows, prefetched during the first slice of this one
   for (int64_t i0 = 0; i0 < cnt; i0 += block) {
     const int64_t n = std::min(block, cnt - i0);
-    for (int64_t i = i0 + block; i < std::min(cnt, i0 + 2 * block); ++i)
-      prefetch_row(base + off[i], d);
+    for (int64_t i = 0; i < n; ++i) {
+      const int64_t ahead = std::min(i0 + block + i, cnt - 1);
+      pf[i] = base + off[ahead];
+    }
     for (int32_t g = 0; g < G; g += 4) {
       const float* wg = w + g * ldw + i0;
       float* ag = acc + int64_t(g) * d;
+      const E* const* p = g == 0 ? pf : nullptr;
       switch (std::min(4, G - g)) {
         case 4:
-          wsum_heads<T, 4>(wg, ldw, d, base, off + i0, n, ag);
+          wsum_heads<T, 4>(wg, ldw, d, base, off + i0, n, ag, p);
           break;
         case 3:
-          wsum_heads<T, 3>(wg, ldw, d, base, off + i0, n, ag);
+          wsum_heads<T, 3>(wg, ldw, d, base, off + i0, n, ag, p);
           break;
         case 2:
-          wsum_heads<T, 2>(wg, ldw, d, base, off + i0, n, ag);
+          wsum_heads<T, 2>(wg, ldw, d, base, off + i0, n, ag, p);
           break;
         default:
-          wsum_heads<T, 1>(wg, ldw, d, base, off + i0, n, ag);
+          wsum_heads<T, 1>(wg, ldw, d, base, off + i0, n, ag, p);
           break;
       }
     }
@@ -257,6 +298,91 @@ VATTN_AVX2 void moments_avx2(const float* w, int64_t ldw, int32_t G, int32_t d,
         s1[o] += x;
         s2[o] += x * x;
         s3[o] += e * x;
+      }
+    }
+  }
+}
+
+// Two rows against four heads: eight single-chain accumulators share every q load; the eight
+// sums come out of one horizontal-add tree. res[r * 4 + h] = <q_h, row_r>.
+template <dtype T>
+VATTN_AVX2 inline void dot_rows2_heads4(const float* q, int32_t d,
+                                        const typename storage<T>::type* r0,
+                                        const typename storage<T>::type* r1, float* res) {
+  using L = avx2::load8<T>;
+  __m256 a[8];
+  for (auto& x : a) x = _mm256_setzero_ps();
+  for (int32_t j = 0; j < d; j += 8) {
+    const __m256 k0 = L::at(r0 + j), k1 = L::at(r1 + j);
+    for (int h = 0; h < 4; ++h) {
+      const __m256 qh = _mm256_loadu_ps(q + h * d + j);
+      a[h] = _mm256_fmadd_ps(qh, k0, a[h]);
+      a[4 + h] = _mm256_fmadd_ps(qh, k1, a[4 + h]);
+    }
+  }
+  const __m256 s0 = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
+  const __m256 s1 = _mm256_hadd_ps(_mm256_hadd_ps(a[4], a[5]), _mm256_hadd_ps(a[6], a[7]));
+  _mm256_storeu_ps(res, _mm256_add_ps(_mm256_permute2f128_ps(s0, s1, 0x20),
+                                      _mm256_permute2f128_ps(s0, s1, 0x31)));
+}
+
+// Dense, token by token: every kv head's row of a token before the next token.
+template <dtype T>
+VATTN_AVX2 void dense_logits_avx2(const float* q, int32_t H, int32_t G, int32_t d,
+                                  const typename storage<T>::type* base, const int64_t* off,
+                                  int64_t hs, int64_t cnt, float* out, int64_t ld) {
+  int64_t i = 0;
+  if (G == 4 && d % 8 == 0) {
+    float res[8];
+    for (; i + 2 <= cnt; i += 2) {
+      for (int64_t t = i + k_dense_ahead; t < std::min(cnt, i + k_dense_ahead + 2); ++t)
+        prefetch_token(base + off[t], H, hs, d);
+      for (int32_t h = 0; h < H; ++h) {
+        dot_rows2_heads4<T>(q + int64_t(h) * 4 * d, d, base + off[i] + h * hs,
+                            base + off[i + 1] + h * hs, res);
+        float* o = out + int64_t(h) * 4 * ld + i;
+        for (int x = 0; x < 4; ++x) o[x * ld] = res[x], o[x * ld + 1] = res[4 + x];
+      }
+    }
+  }
+  for (; i < cnt; ++i)
+    for (int32_t h = 0; h < H; ++h) {
+      const int64_t o = off[i] + h * hs;
+      logits_avx2<T>(q + int64_t(h) * G * d, G, d, base, &o, 1, out + int64_t(h) * G * ld + i, ld);
+    }
+}
+
+// Blocks of 8 tokens: the next block's rows are prefetched in address order, then each kv
+// head's 8 rows (8 rows at a token stride share no L1 set) feed register-blocked sums.
+template <dtype T>
+VATTN_AVX2 void dense_wsum_avx2(const float* w, int64_t ldw, int32_t H, int32_t G, int32_t d,
+                                const typename storage<T>::type* base, const int64_t* off,
+                                int64_t hs, int64_t cnt, float* acc) {
+  constexpr int64_t block = 8;
+  int64_t oh[block];
+  for (int64_t i0 = 0; i0 < cnt; i0 += block) {
+    const int64_t n = std::min(block, cnt - i0);
+    for (int64_t i = i0 + block; i < std::min(cnt, i0 + 2 * block); ++i)
+      prefetch_token(base + off[i], H, hs, d);
+    for (int32_t h = 0; h < H; ++h) {
+      for (int64_t i = 0; i < n; ++i) oh[i] = off[i0 + i] + h * hs;
+      for (int32_t g = 0; g < G; g += 4) {
+        const float* wg = w + int64_t(h * G + g) * ldw + i0;
+        float* ag = acc + int64_t(h * G + g) * d;
+        switch (std::min(4, G - g)) {
+          case 4:
+            wsum_heads<T, 4>(wg, ldw, d, base, oh, n, ag, nullptr);
+            break;
+          case 3:
+            wsum_heads<T, 3>(wg, ldw, d, base, oh, n, ag, nullptr);
+            break;
+          case 2:
+            wsum_heads<T, 2>(wg, ldw, d, base, oh, n, ag, nullptr);
+            break;
+          default:
+            wsum_heads<T, 1>(wg, ldw, d, base, oh, n, ag, nullptr);
+            break;
+        }
       }
     }
   }
@@ -306,7 +432,28 @@ struct tables {
 #endif
 };
 
+template <dtype T>
+struct dense_tables {
+  static constexpr dense_ops<T> scalar{dense_logits_scalar<T>, dense_wsum_scalar<T>};
+#if VATTN_X86
+  static constexpr dense_ops<T> avx2{dense_logits_avx2<T>, dense_wsum_avx2<T>};
+#endif
+};
+
 }  // namespace
+
+// AVX-512 CPUs run the AVX2 dense loops: they are bound by memory, not by vector width.
+template <dtype T>
+const dense_ops<T>& dense_ops_for(simd_level l) {
+#if VATTN_X86
+  if (l >= simd_level::avx2) return dense_tables<T>::avx2;
+#endif
+  (void)l;
+  return dense_tables<T>::scalar;
+}
+template const dense_ops<dtype::f32>& dense_ops_for<dtype::f32>(simd_level);
+template const dense_ops<dtype::f16>& dense_ops_for<dtype::f16>(simd_level);
+template const dense_ops<dtype::bf16>& dense_ops_for<dtype::bf16>(simd_level);
 
 template <dtype T>
 const gqa_ops<T>& gqa_ops_for(simd_level l) {

@@ -29,6 +29,24 @@ struct gqa_ops {
 template <dtype T>
 const gqa_ops<T>& gqa_ops_for(simd_level l);
 
+// Dense attention reads K and V token by token across all kv heads, so memory is walked
+// forward (a head-by-head walk strides by a whole token and reads ~3x slower). The row of kv
+// head h of listed token i is at base + off[i] + h * hs; q and the outputs are per query head
+// (kv head h owns query heads [h G, h G + G)).
+template <dtype T>
+struct dense_ops {
+  using elem = typename storage<T>::type;
+  // out[(h G + x) * ld + i] = <q_{h G + x}, row(i, h)>
+  void (*logits)(const float* q, int32_t H, int32_t G, int32_t d, const elem* base,
+                 const int64_t* off, int64_t hs, int64_t cnt, float* out, int64_t ld);
+  // acc[(h G + x) * d + j] += sum_i w[(h G + x) * ldw + i] * row(i, h)[j]
+  void (*wsum)(const float* w, int64_t ldw, int32_t H, int32_t G, int32_t d, const elem* base,
+               const int64_t* off, int64_t hs, int64_t cnt, float* acc);
+};
+
+template <dtype T>
+const dense_ops<T>& dense_ops_for(simd_level l);
+
 // x[i] = exp(x[i]) in f32 (relative error below 2e-7; arguments below -87 give 0).
 void exp_inplace(simd_level l, float* x, int64_t n);
 
