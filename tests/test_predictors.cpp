@@ -694,3 +694,38 @@ TEST(PredictorIndex, SizesReadBytesAndMoves) {
 }
 
 }  // namespace
+
+// Scoring every head of a kv group in one pass gives the single-head values exactly.
+TEST(PredictorIndex, GroupScoringEqualsPerHead) {
+  for (predictor pred : {predictor::page_bounds, predictor::sign_bits}) {
+    const int32_t d = 40, G = 3, n = 5000;
+    key_cache c = make_keys(dtype::bf16, kv_layout::contiguous, {n}, {77}, 2, d, false);
+    predictor_index ix(pred_config(pred, 8, 96), index_params(1, 2, d, n, dtype::bf16));
+    ix.update(c.full());
+    const auto& x = ix.data();
+    std::vector<float> q(size_t(G) * d);
+    for (size_t j = 0; j < q.size(); ++j) q[j] = hashed_uniform(9, j);
+    const int64_t lo = 3, hi = n - 5, ld = n + 7;
+    if (pred == predictor::page_bounds) {
+      const int64_t p0 = lo / 8, p1 = (hi + 7) / 8;
+      std::vector<float> all(size_t(G) * ld, -1.0f), one(size_t(p1 - p0));
+      detail::page_upper_bounds_heads(x, 0, 1, q.data(), G, p0, p1, all.data(), ld);
+      for (int32_t h = 0; h < G; ++h) {
+        detail::page_upper_bounds(x, 0, 1, q.data() + h * d, p0, p1, one.data());
+        for (int64_t p = 0; p < p1 - p0; ++p) ASSERT_EQ(all[h * ld + p], one[p]) << h << " " << p;
+        EXPECT_EQ(all[h * ld + (p1 - p0)], -1.0f) << "wrote past p1";
+      }
+    } else {
+      std::vector<uint32_t> qs(size_t(G) * x.words);
+      for (int32_t h = 0; h < G; ++h)
+        detail::query_signature(x, 1, q.data() + h * d, qs.data() + h * x.words);
+      std::vector<uint16_t> all(size_t(G) * ld, 999), one(size_t(hi - lo));
+      detail::sign_matches_heads(x, 0, 1, qs.data(), G, lo, hi, all.data(), ld);
+      for (int32_t h = 0; h < G; ++h) {
+        detail::sign_matches(x, 0, 1, qs.data() + h * x.words, lo, hi, one.data());
+        for (int64_t t = 0; t < hi - lo; ++t) ASSERT_EQ(all[h * ld + t], one[t]) << h << " " << t;
+        EXPECT_EQ(all[h * ld + (hi - lo)], 999) << "wrote past t1";
+      }
+    }
+  }
+}

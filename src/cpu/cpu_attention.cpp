@@ -528,25 +528,29 @@ class unit_runner {
     }
   }
 
-  // Top-k by an approximate predictor (predictors.hpp); returns the index bytes read per head.
+  // Top-k by an approximate predictor (predictors.hpp): every head of the unit scores in one
+  // pass over the index; returns the index bytes read per head.
   int64_t select_predicted(const stage_sizes& st) {
     const pred_impl& ix = c_.a.index->data();
     const int64_t lo = st.n_sink, hi = n_ - st.n_local;
-    for (int32_t x = 0; x < g_; ++x) {
-      if (c_.cfg.pred == predictor::page_bounds)
-        select_pages(ix, x, lo, hi, st.k);
-      else
-        select_signs(ix, x, lo, hi, st.k);
+    if (c_.cfg.pred == predictor::page_bounds) {
+      const int64_t P = c_.cfg.pred_page, p0 = lo / P, p1 = (hi + P - 1) / P;
+      page_upper_bounds_heads(ix, s_, kvh_, q(0), g_, p0, p1, ws_.logits, n_max_);
+      for (int32_t x = 0; x < g_; ++x) select_pages(ws_.logits + x * n_max_, lo, hi, st.k);
+    } else {
+      uint32_t qsig[256 * 8];
+      for (int32_t x = 0; x < g_; ++x) query_signature(ix, kvh_, q(x), qsig + x * ix.words);
+      uint16_t* sc = reinterpret_cast<uint16_t*>(ws_.logits);  // [g, n_max] as u16
+      sign_matches_heads(ix, s_, kvh_, qsig, g_, lo, hi, sc, n_max_);
+      for (int32_t x = 0; x < g_; ++x) select_signs(sc + x * n_max_, lo, hi, st.k);
     }
-    return predictor_read_bytes(ix, n_);
+    return predictor_read_bytes(ix, n_) / g_;
   }
 
-  // Pages intersecting [lo, hi) ranked by their bound (desc, page asc); the best pages enter F
-  // whole (their tokens inside [lo, hi)) until they hold at least k tokens.
-  void select_pages(const pred_impl& ix, int32_t x, int64_t lo, int64_t hi, int64_t k) {
+  // Pages intersecting [lo, hi) ranked by their bound sc[page - p0] (desc, page asc); the best
+  // pages enter F whole (their tokens inside [lo, hi)) until they hold at least k tokens.
+  void select_pages(const float* sc, int64_t lo, int64_t hi, int64_t k) {
     const int64_t P = c_.cfg.pred_page, p0 = lo / P, p1 = (hi + P - 1) / P, np = p1 - p0;
-    float* sc = ws_.logits;  // unused by predicted selection
-    page_upper_bounds(ix, s_, kvh_, q(x), p0, p1, sc);
     for (int64_t i = 0; i < np; ++i) ws_.cand[i] = int32_t(i);
     auto better = [sc](int32_t a, int32_t b) { return sc[a] != sc[b] ? sc[a] > sc[b] : a < b; };
     // Every page but the first and the last lies inside [lo, hi): k / P + 2 pages hold k tokens.
@@ -562,14 +566,10 @@ class unit_runner {
     }
   }
 
-  // The k tokens of [lo, hi) sharing the most signature bits with the query (ties: lower
-  // position first), by a histogram of the scores: no sort.
-  void select_signs(const pred_impl& ix, int32_t x, int64_t lo, int64_t hi, int64_t k) {
-    uint32_t qsig[8];
-    query_signature(ix, kvh_, q(x), qsig);
-    uint16_t* sc = reinterpret_cast<uint16_t*>(ws_.logits);
+  // The k tokens of [lo, hi) sharing the most signature bits with the query (sc[t - lo]; ties:
+  // lower position first), by a histogram of the scores: no sort.
+  void select_signs(const uint16_t* sc, int64_t lo, int64_t hi, int64_t k) {
     const int64_t cnt = hi - lo;
-    sign_matches(ix, s_, kvh_, qsig, lo, hi, sc);
     int64_t hist[257] = {};
     for (int64_t i = 0; i < cnt; ++i) ++hist[sc[i]];
     int32_t thr = c_.cfg.pred_bits;

@@ -628,6 +628,27 @@ void sign_matches(const pred_impl& ix, int32_t slot, int32_t kvh, const uint32_t
   fns[ix.words](qsig, ix.sig_row(slot, kvh, t0), t1 - t0, ix.cfg.pred_bits, out);
 }
 
+// Blocks small enough to stay in L1 while every head of the group scores them: the index is read
+// from memory once per kv group instead of once per query head.
+void page_upper_bounds_heads(const pred_impl& ix, int32_t slot, int32_t kvh, const float* q,
+                             int32_t G, int64_t p0, int64_t p1, float* out, int64_t ld) {
+  const int64_t block =
+      std::max<int64_t>(1, 8192 / (ix.p.head_dim * int64_t(dtype_size(ix.p.kv_type))));
+  for (int64_t b = p0; b < p1; b += block)
+    for (int32_t x = 0; x < G; ++x)
+      page_upper_bounds(ix, slot, kvh, q + int64_t(x) * ix.p.head_dim, b, std::min(p1, b + block),
+                        out + x * ld + (b - p0));
+}
+
+void sign_matches_heads(const pred_impl& ix, int32_t slot, int32_t kvh, const uint32_t* qsig,
+                        int32_t G, int64_t t0, int64_t t1, uint16_t* out, int64_t ld) {
+  const int64_t block = std::max<int64_t>(64, 16384 / (4 * ix.words));
+  for (int64_t b = t0; b < t1; b += block)
+    for (int32_t x = 0; x < G; ++x)
+      sign_matches(ix, slot, kvh, qsig + x * ix.words, b, std::min(t1, b + block),
+                   out + x * ld + (b - t0));
+}
+
 int64_t predictor_read_bytes(const pred_impl& ix, int64_t n) {
   if (ix.cfg.pred == predictor::page_bounds) {
     const int64_t pages = (n + ix.cfg.pred_page - 1) / ix.cfg.pred_page;

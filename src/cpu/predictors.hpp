@@ -53,7 +53,14 @@ void query_signature(const pred_impl& ix, int32_t kvh, const float* q, uint32_t*
 void sign_matches(const pred_impl& ix, int32_t slot, int32_t kvh, const uint32_t* qsig, int64_t t0,
                   int64_t t1, uint16_t* out);
 
-// Bytes of the index one query head reads to score n tokens.
+// The same for G query heads of kv head kvh at once (q [G, head_dim], qsig [G, words]; out row
+// x at out + x * ld): values equal the single-head calls, the index is read once.
+void page_upper_bounds_heads(const pred_impl& ix, int32_t slot, int32_t kvh, const float* q,
+                             int32_t G, int64_t p0, int64_t p1, float* out, int64_t ld);
+void sign_matches_heads(const pred_impl& ix, int32_t slot, int32_t kvh, const uint32_t* qsig,
+                        int32_t G, int64_t t0, int64_t t1, uint16_t* out, int64_t ld);
+
+// Bytes of the index read to score n tokens (once per kv group when heads score together).
 int64_t predictor_read_bytes(const pred_impl& ix, int64_t n);
 
 }  // namespace detail

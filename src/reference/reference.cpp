@@ -254,8 +254,11 @@ void run_unit(const unit_ctx& u, const group_data& g, const std::vector<int>& he
   for (int32_t i : sample) w[i] = double(n_s) / double(b);
   const bool reads_all_k = cfg.select != selector::none && cfg.pred == predictor::oracle;
   const double k_rows = reads_all_k ? double(n) : double(f.size() + b);
+  // The heads of a unit score in one pass over the index.
   const int64_t pred_bytes =
-      cfg.pred != predictor::oracle ? predictor_read_bytes(u.a.index->data(), n) : 0;
+      cfg.pred != predictor::oracle
+          ? predictor_read_bytes(u.a.index->data(), n) / int64_t(heads.size())
+          : 0;
   const double v_rows = double(f.size() + b);
   for (size_t x = 0; x < heads.size(); ++x) {
     head_result& r = *res[x];
