@@ -24,6 +24,15 @@
 #include <omp.h>
 #endif
 
+// Heavy loops inside a unit run as OpenMP tasks over fixed chunks of rows: threads without a unit
+// of their own (batch 1 on many cores) pick them up at the region's barrier. Chunks do not depend
+// on the thread count and partial sums are added in chunk order, so results stay identical.
+#if VATTN_HAVE_OPENMP
+#define VATTN_TASKLOOP _Pragma("omp taskloop grainsize(1) default(shared)")
+#else
+#define VATTN_TASKLOOP
+#endif
+
 namespace vattn {
 
 using namespace vattn::detail;
@@ -53,6 +62,8 @@ struct scratch {
   double* acc;        // [4, group, d] accumulators (see head_acc)
   float* facc;        // [group, d] f32 block sums
   float* qs;          // [group, d] scaled queries
+  float* part;        // [chunks, group, d] f32 sums of k_flush-row chunks (V sums)
+  double* mpart;      // [chunks, 3, group, d] base-sample moments per chunk
   run_profile* prof;  // this thread's share of run_args::profile
 };
 
@@ -67,7 +78,7 @@ struct head_acc {
 };
 
 struct layout_sizes {
-  size_t logits, flags, ints, offs, acc, facc, total;
+  size_t logits, flags, ints, offs, acc, facc, part, mpart, total;
 };
 layout_sizes scratch_sizes(int64_t n_max, int32_t group, int32_t d) {
   layout_sizes s;
@@ -78,7 +89,10 @@ layout_sizes scratch_sizes(int64_t n_max, int32_t group, int32_t d) {
   s.offs = align_up(sizeof(int64_t) * size_t(rows));
   s.acc = align_up(sizeof(double) * 4 * size_t(d) * group);
   s.facc = align_up(sizeof(float) * (size_t(d) + 1) * group);
-  s.total = 2 * s.logits + s.flags + 3 * s.ints + s.offs + s.acc + 2 * s.facc +
+  const size_t chunks = size_t(rows / k_flush + 1);
+  s.part = align_up(sizeof(float) * chunks * size_t(d) * group);
+  s.mpart = align_up(sizeof(double) * chunks * 3 * size_t(d) * group);
+  s.total = 2 * s.logits + s.flags + 3 * s.ints + s.offs + s.acc + 2 * s.facc + s.part + s.mpart +
             align_up(sizeof(run_profile));
   return s;
 }
@@ -100,6 +114,8 @@ scratch carve(uint8_t* base, const layout_sizes& s) {
   w.acc = reinterpret_cast<double*>(take(s.acc));
   w.facc = reinterpret_cast<float*>(take(s.facc));
   w.qs = reinterpret_cast<float*>(take(s.facc));
+  w.part = reinterpret_cast<float*>(take(s.part));
+  w.mpart = reinterpret_cast<double*>(take(s.mpart));
   w.prof = reinterpret_cast<run_profile*>(take(align_up(sizeof(run_profile))));
   return w;
 }
@@ -151,7 +167,12 @@ class row_source {
   // Logits of the listed rows for G heads; rejects non-finite ones, naming the token.
   void logits(const float* qs, int32_t G, int32_t d, const int64_t* off, const int32_t* tok,
               int64_t cnt, float* out, int64_t ld) const {
-    ops_.logits(qs, G, d, k(), off, cnt, out, ld);
+    const int64_t chunks = (cnt + k_flush - 1) / k_flush;
+    VATTN_TASKLOOP
+    for (int64_t c = 0; c < chunks; ++c) {
+      const int64_t i0 = c * k_flush;
+      ops_.logits(qs, G, d, k(), off + i0, std::min(k_flush, cnt - i0), out + i0, ld);
+    }
     for (int32_t g = 0; g < G; ++g)
       for (int64_t i = 0; i < cnt; ++i)
         if (!std::isfinite(out[g * ld + i]))
@@ -160,15 +181,40 @@ class row_source {
                   std::to_string(kvh_));
   }
 
-  // acc[g, :] += sum_i w[g, i] v_i in f32 blocks of k_flush rows added into double.
+  // acc[g, :] += sum_i w[g, i] v_i: f32 sums of k_flush-row chunks, added into double in chunk
+  // order. part holds one [G, d] slot per chunk.
   void wsum(const float* w, int64_t ldw, int32_t G, int32_t d, const int64_t* off, int64_t cnt,
-            float* facc, double* acc, int64_t ld_acc) const {
-    for (int64_t i0 = 0; i0 < cnt; i0 += k_flush) {
-      std::fill(facc, facc + int64_t(G) * d, 0.0f);
-      ops_.wsum(w + i0, ldw, G, d, v(), off + i0, std::min(k_flush, cnt - i0), facc);
-      for (int32_t g = 0; g < G; ++g)
-        for (int32_t j = 0; j < d; ++j) acc[g * ld_acc + j] += double(facc[g * d + j]);
+            float* part, double* acc, int64_t ld_acc) const {
+    const int64_t chunks = (cnt + k_flush - 1) / k_flush, gd = int64_t(G) * d;
+    VATTN_TASKLOOP
+    for (int64_t c = 0; c < chunks; ++c) {
+      float* f = part + c * gd;
+      std::fill(f, f + gd, 0.0f);
+      const int64_t i0 = c * k_flush;
+      ops_.wsum(w + i0, ldw, G, d, v(), off + i0, std::min(k_flush, cnt - i0), f);
     }
+    for (int64_t c = 0; c < chunks; ++c)
+      for (int32_t g = 0; g < G; ++g)
+        for (int32_t j = 0; j < d; ++j) acc[g * ld_acc + j] += double(part[c * gd + g * d + j]);
+  }
+
+  // Base-sample moments (moments kernel) by chunks, added in chunk order; s1, s2, s3 are [G, d].
+  void moments(const float* w, int64_t ldw, int32_t G, int32_t d, const int64_t* off, int64_t cnt,
+               double* mpart, double* s1, double* s2, double* s3) const {
+    const int64_t chunks = (cnt + k_flush - 1) / k_flush, gd = int64_t(G) * d;
+    VATTN_TASKLOOP
+    for (int64_t c = 0; c < chunks; ++c) {
+      double* m = mpart + c * 3 * gd;
+      std::fill(m, m + 3 * gd, 0.0);
+      const int64_t i0 = c * k_flush;
+      ops_.moments(w + i0, ldw, G, d, v(), off + i0, std::min(k_flush, cnt - i0), m, m + gd,
+                   m + 2 * gd);
+    }
+    for (int64_t c = 0; c < chunks; ++c)
+      for (int64_t i = 0; i < gd; ++i) {
+        const double* m = mpart + c * 3 * gd;
+        s1[i] += m[i], s2[i] += m[gd + i], s3[i] += m[2 * gd + i];
+      }
   }
 
   // A non-finite output comes from a V row read for it: name the first one.
@@ -263,14 +309,14 @@ class unit_runner {
     list_logits(0, n_f + m0);
     for (int32_t x = 0; x < g_; ++x) bind_acc(x);
     weigh(n_f, m0);
-    src_.wsum(ws_.cl, n_max_, g_, d_, ws_.off, n_f, ws_.facc, ws_.acc, d_);
+    src_.wsum(ws_.cl, n_max_, g_, d_, ws_.off, n_f, ws_.part, ws_.acc, d_);
     for (int32_t x = 0; x < g_; ++x) {
       const float* e = ws_.cl + x * n_max_ + n_f;
       head_acc& A = acc_[x];
       for (int64_t j = 0; j < m0; ++j) A.s_e += double(e[j]), A.s_ee += double(e[j]) * e[j];
     }
-    src_.ops().moments(ws_.cl + n_f, n_max_, g_, d_, src_.v(), ws_.off + n_f, m0, acc_[0].s_ev,
-                       acc_[0].s_evev, acc_[0].s_eev);
+    src_.moments(ws_.cl + n_f, n_max_, g_, d_, ws_.off + n_f, m0, ws_.mpart, acc_[0].s_ev,
+                 acc_[0].s_evev, acc_[0].s_eev);
     prof.attend_s += seconds_since(t0);
     t0 = clock_type::now();
 
@@ -327,12 +373,8 @@ class unit_runner {
 
   // Logits of every token for every head of the unit (oracle selection, hub, dense).
   void all_logits() {
-    for (int64_t t0 = 0; t0 < n_; t0 += k_dense_chunk) {
-      const int64_t cnt = std::min(k_dense_chunk, n_ - t0);
-      for (int64_t i = 0; i < cnt; ++i)
-        ws_.off[i] = src_.offset(t0 + i), ws_.f[i] = int32_t(t0 + i);
-      src_.logits(ws_.qs, g_, d_, ws_.off, ws_.f, cnt, ws_.logits + t0, n_max_);
-    }
+    for (int64_t t = 0; t < n_; ++t) ws_.off[t] = src_.offset(t), ws_.f[t] = int32_t(t);
+    src_.logits(ws_.qs, g_, d_, ws_.off, ws_.f, n_, ws_.logits, n_max_);
   }
 
   void list_rows(int64_t at, const int32_t* tok, int64_t cnt) {
@@ -453,7 +495,7 @@ class unit_runner {
       exp_inplace(active_simd_level(), l, cnt);
       for (int64_t i = 0; i < cnt; ++i) A.s_e += double(l[i]);
     }
-    src_.wsum(ws_.cl + at, n_max_, g_, d_, ws_.off + at, cnt, ws_.facc, ws_.acc + int64_t(g_) * d_,
+    src_.wsum(ws_.cl + at, n_max_, g_, d_, ws_.off + at, cnt, ws_.part, ws_.acc + int64_t(g_) * d_,
               d_);
   }
 
@@ -490,17 +532,13 @@ class unit_runner {
       for (int64_t t = 0; t < n_; ++t) c = std::max(c, lg(x, t));
       acc_[x].c = c;
     }
-    for (int64_t t0 = 0; t0 < n_; t0 += k_dense_chunk) {
-      const int64_t cnt = std::min(k_dense_chunk, n_ - t0);
-      for (int64_t i = 0; i < cnt; ++i) ws_.off[i] = src_.offset(t0 + i);
-      for (int32_t x = 0; x < g_; ++x) {
-        float* e = cl(x);
-        for (int64_t i = 0; i < cnt; ++i) e[i] = lg(x, t0 + i) - acc_[x].c;
-        exp_inplace(active_simd_level(), e, cnt);
-        for (int64_t i = 0; i < cnt; ++i) acc_[x].d_f += double(e[i]);
-      }
-      src_.wsum(ws_.cl, n_max_, g_, d_, ws_.off, cnt, ws_.facc, ws_.acc, d_);
+    for (int32_t x = 0; x < g_; ++x) {  // ws_.off holds every token's row (all_logits)
+      float* e = cl(x);
+      for (int64_t t = 0; t < n_; ++t) e[t] = lg(x, t) - acc_[x].c;
+      exp_inplace(active_simd_level(), e, n_);
+      for (int64_t t = 0; t < n_; ++t) acc_[x].d_f += double(e[t]);
     }
+    src_.wsum(ws_.cl, n_max_, g_, d_, ws_.off, n_, ws_.part, ws_.acc, d_);
     for (int32_t x = 0; x < g_; ++x) {
       const head_acc& A = acc_[x];
       write_output(x, A.d_f, A.n_f, nullptr, 0, n_, 0);
@@ -535,13 +573,25 @@ class unit_runner {
     const int64_t lo = st.n_sink, hi = n_ - st.n_local;
     if (c_.cfg.pred == predictor::page_bounds) {
       const int64_t P = c_.cfg.pred_page, p0 = lo / P, p1 = (hi + P - 1) / P;
-      page_upper_bounds_heads(ix, s_, kvh_, q(0), g_, p0, p1, ws_.logits, n_max_);
+      const int64_t block = 2048, blocks = (p1 - p0 + block - 1) / block;
+      VATTN_TASKLOOP
+      for (int64_t b = 0; b < blocks; ++b) {
+        const int64_t a = p0 + b * block;
+        page_upper_bounds_heads(ix, s_, kvh_, q(0), g_, a, std::min(p1, a + block),
+                                ws_.logits + (a - p0), n_max_);
+      }
       for (int32_t x = 0; x < g_; ++x) select_pages(ws_.logits + x * n_max_, lo, hi, st.k);
     } else {
       uint32_t qsig[256 * 8];
       for (int32_t x = 0; x < g_; ++x) query_signature(ix, kvh_, q(x), qsig + x * ix.words);
       uint16_t* sc = reinterpret_cast<uint16_t*>(ws_.logits);  // [g, n_max] as u16
-      sign_matches_heads(ix, s_, kvh_, qsig, g_, lo, hi, sc, n_max_);
+      const int64_t block = 16384, blocks = (hi - lo + block - 1) / block;
+      VATTN_TASKLOOP
+      for (int64_t b = 0; b < blocks; ++b) {
+        const int64_t a = lo + b * block;
+        sign_matches_heads(ix, s_, kvh_, qsig, g_, a, std::min(hi, a + block), sc + (a - lo),
+                           n_max_);
+      }
       for (int32_t x = 0; x < g_; ++x) select_signs(sc + x * n_max_, lo, hi, st.k);
     }
     return predictor_read_bytes(ix, n_) / g_;
@@ -793,7 +843,7 @@ void parallel_for(int64_t n, int32_t n_threads, F&& body) {
     }
   };
 #if VATTN_HAVE_OPENMP
-  if (n_threads > 1 && n > 1) {
+  if (n_threads > 1) {  // even for one item: the other threads run its tasks
 #pragma omp parallel for schedule(dynamic, 1) num_threads(n_threads)
     for (int64_t i = 0; i < n; ++i) guarded(i, omp_get_thread_num());
   } else {
