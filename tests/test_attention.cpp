@@ -45,15 +45,7 @@ std::unique_ptr<predictor_index> index_for(const config& cfg, const batch& b, ru
 }
 
 void run_cpu(const config& cfg, batch& b, run_args& a, int32_t threads) {
-  plan_params pp;
-  pp.n_seq_max = int32_t(b.seq_len.size());
-  pp.n_head_q = b.n_head_q;
-  pp.n_head_kv = b.n_head_kv;
-  pp.head_dim = b.d;
-  pp.n_tokens_max = b.n_max();
-  pp.kv_type = b.type;
-  pp.n_threads = threads;
-  plan p(cfg, pp);
+  plan p(cfg, params_for(b, threads));
   aligned_buffer ws(p.workspace_bytes());
   p.run(a, ws.data(), ws.size());
 }
