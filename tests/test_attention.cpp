@@ -244,6 +244,51 @@ TEST(Predictors, RunRejectsMissingOrStaleIndex) {
   EXPECT_NE(msg(a).find("built for predictor=pages"), std::string::npos);
 }
 
+// Errors name the first bad position in (sequence, item) order whatever the thread count: two
+// bad keys in different dense chunks give the same message with 1 and 8 threads.
+TEST(BadInput, SameErrorForEveryThreadCount) {
+  batch b =
+      make_batch(synth::family::uniform, {3000}, 4, 1, 8, dtype::f32, kv_layout::contiguous, 2);
+  reinterpret_cast<float*>(b.k.data())[300 * 8 + 1] = INFINITY;
+  reinterpret_cast<float*>(b.k.data())[2900 * 8 + 1] = INFINITY;
+  for (const char* m : {"dense", "vattention"}) {
+    std::string first;
+    for (int32_t t : {1, 8, 2}) {
+      run_args a = b.args();
+      try {
+        run_cpu(small_config(m), b, a, t);
+        ADD_FAILURE() << m << ": no error";
+      } catch (const error& e) {
+        if (first.empty()) first = e.what();
+        EXPECT_EQ(first, e.what()) << m << " threads " << t;
+      }
+    }
+    EXPECT_NE(first.find("token 300"), std::string::npos) << m << ": " << first;
+  }
+}
+
+// A page bound can overflow to inf - inf (NaN): the page is taken, not mis-sorted, and the
+// overflow is reported by the logit check.
+TEST(Predictors, OverflowingPageBoundIsReported) {
+  batch b =
+      make_batch(synth::family::uniform, {600}, 2, 1, 8, dtype::f32, kv_layout::contiguous, 3);
+  float* k = reinterpret_cast<float*>(b.k.data());
+  k[300 * 8 + 0] = 1e20f;
+  k[300 * 8 + 1] = -1e20f;
+  k[301 * 8 + 0] = -1e20f;
+  k[301 * 8 + 1] = -1e20f;
+  for (int32_t h = 0; h < 2; ++h) b.q[h * 8] = 1e20f, b.q[h * 8 + 1] = 1e20f;
+  config cfg = parse_config("predictor=pages,pred_page=4", small_config("topk"));
+  run_args a = b.args();
+  const auto ix = index_for(cfg, b, a);
+  try {
+    run_cpu(cfg, b, a, 2);
+    ADD_FAILURE() << "no error";
+  } catch (const error& e) {
+    EXPECT_NE(std::string(e.what()).find("overflows"), std::string::npos) << e.what();
+  }
+}
+
 // Paged and contiguous storage of the same tokens give bit-identical results.
 TEST(Layouts, PagedEqualsContiguous) {
   config cfg = small_config("vattention");

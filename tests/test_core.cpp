@@ -271,6 +271,7 @@ TEST(Config, RejectsWithNamedArgument) {
   EXPECT_NE(msg("method=hub,gqa_shared=1").find("gqa_shared"), std::string::npos);
   EXPECT_NE(msg("method=vattention,predictor=lsh").find("predictor"), std::string::npos);
   EXPECT_NE(msg("method=topp,predictor=pages").find("select=topk"), std::string::npos);
+  EXPECT_NE(msg("dense=1,predictor=pages").find("predictor must be oracle"), std::string::npos);
   EXPECT_NE(msg("method=hub,predictor=signs").find("hub"), std::string::npos);
   EXPECT_NE(msg("method=vattention,predictor=signs,bits=48").find("pred_bits"), std::string::npos);
   EXPECT_NE(msg("method=vattention,predictor=signs,bits=512").find("pred_bits"), std::string::npos);

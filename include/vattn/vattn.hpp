@@ -192,7 +192,9 @@ struct head_stats {
   // (top-k, top-p, sink+local have no estimate) or a fixed-rate sample of one token. Hub mode
   // reports its own with-replacement half-width.
   double est_rel_error = 0;
-  // Bytes of K and V rows read, predictor reads included (oracle stages read every K row).
+  // Bytes of K and V rows read, predictor index reads included (oracle stages read every K row;
+  // a predictor's index is counted over all n tokens, once per kv group that scores together;
+  // a dense fallback counts its rows only).
   // With gqa_shared a group's rows count once, split evenly over its heads.
   int64_t bytes_kv = 0;
   int32_t dense_fallback = 0;  // 1 when n was too short for sparsity and attention ran dense

@@ -82,7 +82,13 @@ void config::validate() const {
   if (!std::isfinite(scale) || scale < 0)
     fail("scale must be finite and >= 0 (0 selects 1/sqrt(head_dim)), got " +
          std::to_string(scale));
+  if (pred_page < 1 || pred_page > (1 << 20))
+    fail("pred_page must be in [1, 2^20] tokens, got " + std::to_string(pred_page));
+  if (pred_bits < 32 || pred_bits > 256 || pred_bits % 32 != 0)
+    fail("pred_bits must be a multiple of 32 in [32, 256], got " + std::to_string(pred_bits));
   if (dense) {
+    if (pred != predictor::oracle)
+      fail("dense=1 reads every key: predictor must be oracle, got " + std::to_string(int(pred)));
     if (sink.value != 0 || local.value != 0 || select != selector::none ||
         sample != sampling::none || hub || gqa_shared)
       fail(
@@ -120,10 +126,6 @@ void config::validate() const {
     default:
       fail("predictor has an unknown value " + std::to_string(int(pred)));
   }
-  if (pred_page < 1 || pred_page > (1 << 20))
-    fail("pred_page must be in [1, 2^20] tokens, got " + std::to_string(pred_page));
-  if (pred_bits < 32 || pred_bits > 256 || pred_bits % 32 != 0)
-    fail("pred_bits must be a multiple of 32 in [32, 256], got " + std::to_string(pred_bits));
   switch (sample) {
     case sampling::none:
       break;

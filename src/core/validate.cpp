@@ -124,7 +124,10 @@ void validate_index(const config& cfg, const plan_params& p, const run_args& a) 
                 predictor_name(cfg.pred) + " (pred_page " + std::to_string(cfg.pred_page) +
                 ", pred_bits " + std::to_string(cfg.pred_bits) + ")");
   if (ip.n_head_kv != p.n_head_kv || ip.head_dim != p.head_dim || ip.kv_type != p.kv_type)
-    throw error("run_args.index: its n_head_kv, head_dim or kv_type differ from the plan's");
+    throw error("run_args.index was built for n_head_kv " + std::to_string(ip.n_head_kv) +
+                ", head_dim " + std::to_string(ip.head_dim) + ", kv_type " +
+                dtype_name(ip.kv_type) + "; the plan has n_head_kv " + std::to_string(p.n_head_kv) +
+                ", head_dim " + std::to_string(p.head_dim) + ", kv_type " + dtype_name(p.kv_type));
   if (a.kv.n_seq > ip.n_seq_max)
     throw error("run_args.index holds " + std::to_string(ip.n_seq_max) + " slots, kv.n_seq is " +
                 std::to_string(a.kv.n_seq));

@@ -6,6 +6,7 @@
 #include <cmath>
 #include <cstdio>
 #include <cstring>
+#include <mutex>
 #include <string>
 #include <vector>
 
@@ -832,14 +833,21 @@ void dense_merge(const run_ctx& c, int32_t s, int32_t h) {
 // rethrown after the loop.
 template <typename F>
 void parallel_for(int64_t n, int32_t n_threads, F&& body) {
-  std::atomic<bool> failed{false};
+  // The error of the smallest failing item is reported, whatever the thread count: items above
+  // a known failure are skipped, items below it still run.
+  std::atomic<int64_t> failed_at{INT64_MAX};
+  std::mutex mu;
   char first_error[512] = {};
   auto guarded = [&](int64_t i, int tid) {
-    if (failed.load(std::memory_order_relaxed)) return;
+    if (i > failed_at.load(std::memory_order_relaxed)) return;
     try {
       body(i, tid);
     } catch (const std::exception& e) {
-      if (!failed.exchange(true)) std::snprintf(first_error, sizeof first_error, "%s", e.what());
+      std::lock_guard<std::mutex> lock(mu);
+      if (i < failed_at.load()) {
+        failed_at.store(i);
+        std::snprintf(first_error, sizeof first_error, "%s", e.what());
+      }
     }
   };
 #if VATTN_HAVE_OPENMP
@@ -853,7 +861,7 @@ void parallel_for(int64_t n, int32_t n_threads, F&& body) {
   (void)n_threads;
   for (int64_t i = 0; i < n; ++i) guarded(i, 0);
 #endif
-  if (failed) throw error(first_error);
+  if (failed_at.load() != INT64_MAX) throw error(first_error);
 }
 
 // Per-thread phase times, zeroed before a run and added into run_args::profile after it.

@@ -578,8 +578,20 @@ const plan_params& predictor_index::params() const {
 
 namespace detail {
 
+// A bound that overflows to inf - inf is NaN: it becomes +inf, so the page is taken and its
+// keys meet the logit check (and the orderings of the selection stay strict weak orders).
+void bound_pages(const pred_impl& ix, int32_t slot, int32_t kvh, const float* q, int64_t p0,
+                 int64_t p1, float* out);
+
 void page_upper_bounds(const pred_impl& ix, int32_t slot, int32_t kvh, const float* q, int64_t p0,
                        int64_t p1, float* out) {
+  bound_pages(ix, slot, kvh, q, p0, p1, out);
+  for (int64_t i = 0; i < p1 - p0; ++i)
+    if (std::isnan(out[i])) out[i] = INFINITY;
+}
+
+void bound_pages(const pred_impl& ix, int32_t slot, int32_t kvh, const float* q, int64_t p0,
+                 int64_t p1, float* out) {
   if (p1 <= p0) return;
   const uint8_t* lo = ix.lo_row(slot, kvh, p0);
   const uint8_t* hi = ix.hi_row(slot, kvh, p0);
