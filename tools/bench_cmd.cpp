@@ -372,27 +372,25 @@ void measure_group(const bench_options& o, const std::vector<row_spec>& specs, d
       config oc = cfg;
       oc.pred = predictor::oracle;
       std::vector<float> scratch(out.size());
+      // An untimed run at the last timed step that records the tokens each head read.
+      auto run_for_indices = [&](const plan& p, run_args r, std::vector<int32_t>& idx,
+                                 std::vector<head_stats>& st) {
+        ws.reserve(p.workspace_bytes());
+        idx.resize(heads * size_t(n));
+        st.resize(heads);
+        r.out = scratch.data();
+        r.stats = st.data();
+        r.indices = idx.data();
+        r.step = uint64_t(o.reps);
+        p.run(r, ws.data(), ws.size());
+      };
       if (orac_key != oc.to_string()) {
         const plan opl(oc, pp);
-        ws.reserve(opl.workspace_bytes());
-        orac_idx.resize(heads * size_t(n));
-        orac_st.resize(heads);
-        run_args r = base;
-        r.out = scratch.data();
-        r.stats = orac_st.data();
-        r.indices = orac_idx.data();
-        r.step = uint64_t(o.reps);
-        opl.run(r, ws.data(), ws.size());
+        run_for_indices(opl, base, orac_idx, orac_st);
         orac_key = oc.to_string();
       }
-      pred_idx.resize(heads * size_t(n));
-      std::vector<head_stats> pst(heads);
-      run_args r = a;
-      r.out = scratch.data();
-      r.stats = pst.data();
-      r.indices = pred_idx.data();
-      r.step = uint64_t(o.reps);
-      pl.run(r, ws.data(), ws.size());
+      std::vector<head_stats> pst;
+      run_for_indices(pl, a, pred_idx, pst);
       const recall_result rr = recall(cfg, pred_idx, pst, orac_idx, orac_st, n);
       rec = rr.all, rec_k = rr.topk;
     }

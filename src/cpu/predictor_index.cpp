@@ -13,6 +13,7 @@
 #include "core/kv_access.hpp"
 #include "core/sampler.hpp"
 #include "core/validate.hpp"
+#include "cpu/avx2_util.hpp"
 #include "cpu/predictors.hpp"
 #include "cpu/simd.hpp"
 #include "vattn/safetensors.hpp"
@@ -20,10 +21,7 @@
 #if VATTN_HAVE_OPENMP
 #include <omp.h>
 #endif
-#if defined(__x86_64__) || defined(__i386__)
-#include <immintrin.h>
-#define VATTN_X86 1
-#define VATTN_AVX2 __attribute__((target("avx2,fma,f16c")))
+#if VATTN_X86
 #define VATTN_POPCNT __attribute__((target("popcnt")))
 #endif
 
@@ -326,26 +324,6 @@ void bounds_scalar(const uint8_t* lo_bytes, const uint8_t* hi_bytes, const float
 }
 
 #if VATTN_X86
-VATTN_AVX2 inline float hsum8(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
-
-// Eight stored elements as f32.
-template <dtype T>
-VATTN_AVX2 inline __m256 load8(const void* p) {
-  if constexpr (T == dtype::f32) {
-    return _mm256_loadu_ps(static_cast<const float*>(p));
-  } else if constexpr (T == dtype::f16) {
-    return _mm256_cvtph_ps(_mm_loadu_si128(static_cast<const __m128i*>(p)));
-  } else {  // bf16 is the top half of an f32
-    const __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(static_cast<const __m128i*>(p)));
-    return _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
-  }
-}
-
 template <dtype T>
 VATTN_AVX2 void bounds_avx2(const uint8_t* lo_bytes, const uint8_t* hi_bytes, const float* q,
                             int64_t n, int32_t d, float* out) {
@@ -357,21 +335,21 @@ VATTN_AVX2 void bounds_avx2(const uint8_t* lo_bytes, const uint8_t* hi_bytes, co
     int32_t j = 0;
     for (; j + 16 <= d; j += 16) {
       const __m256 q0 = _mm256_loadu_ps(q + j), q1 = _mm256_loadu_ps(q + j + 8);
-      a0 = _mm256_add_ps(a0, _mm256_max_ps(_mm256_mul_ps(q0, load8<T>(lo + j)),
-                                           _mm256_mul_ps(q0, load8<T>(hi + j))));
-      a1 = _mm256_add_ps(a1, _mm256_max_ps(_mm256_mul_ps(q1, load8<T>(lo + j + 8)),
-                                           _mm256_mul_ps(q1, load8<T>(hi + j + 8))));
+      a0 = _mm256_add_ps(a0, _mm256_max_ps(_mm256_mul_ps(q0, avx2::load8<T>::at(lo + j)),
+                                           _mm256_mul_ps(q0, avx2::load8<T>::at(hi + j))));
+      a1 = _mm256_add_ps(a1, _mm256_max_ps(_mm256_mul_ps(q1, avx2::load8<T>::at(lo + j + 8)),
+                                           _mm256_mul_ps(q1, avx2::load8<T>::at(hi + j + 8))));
     }
     if (j + 8 <= d) {
       const __m256 q0 = _mm256_loadu_ps(q + j);
-      a0 = _mm256_add_ps(a0, _mm256_max_ps(_mm256_mul_ps(q0, load8<T>(lo + j)),
-                                           _mm256_mul_ps(q0, load8<T>(hi + j))));
+      a0 = _mm256_add_ps(a0, _mm256_max_ps(_mm256_mul_ps(q0, avx2::load8<T>::at(lo + j)),
+                                           _mm256_mul_ps(q0, avx2::load8<T>::at(hi + j))));
       j += 8;
     }
     float tail = 0;
     for (; j < d; ++j)
       tail += std::max(q[j] * storage<T>::load(lo[j]), q[j] * storage<T>::load(hi[j]));
-    out[p] = hsum8(_mm256_add_ps(a0, a1)) + tail;
+    out[p] = avx2::hsum(_mm256_add_ps(a0, a1)) + tail;
   }
 }
 #endif

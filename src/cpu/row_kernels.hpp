@@ -1,5 +1,5 @@
-// row_kernels.hpp: the per-row kernels of the CPU path (dot product with a K row, weighted
-// accumulation of a V row, base-sample moments). This is the seam where SIMD versions plug in.
+// row_kernels.hpp: portable per-row kernels: the scalar dot product with a K row and the
+// double-precision weighted V accumulation of the hub compatibility mode.
 #pragma once
 
 #include <cstdint>
@@ -27,18 +27,6 @@ inline float row_dot(const float* q, const typename storage<T>::type* row, int32
 template <dtype T>
 inline void row_axpy(double w, const typename storage<T>::type* row, int32_t d, double* acc) {
   for (int32_t j = 0; j < d; ++j) acc[j] += w * double(storage<T>::load(row[j]));
-}
-
-// Base-sample sums of x = e v: s_ev += x, s_evev += x^2, s_eev += e x.
-template <dtype T>
-inline void row_moments(double e, const typename storage<T>::type* row, int32_t d, double* s_ev,
-                        double* s_evev, double* s_eev) {
-  for (int32_t j = 0; j < d; ++j) {
-    const double x = e * double(storage<T>::load(row[j]));
-    s_ev[j] += x;
-    s_evev[j] += x * x;
-    s_eev[j] += e * x;
-  }
 }
 
 }  // namespace vattn::detail
