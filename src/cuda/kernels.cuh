@@ -1,0 +1,318 @@
+// kernels.cuh: the split-KV decode kernel, dense or over weighted index lists, as a template on
+// the KV element type, head_dim and the query heads one block serves (GQA packing: each K/V row
+// loaded once serves all of them). Instantiated per dtype by split_<dtype>.cu.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "cuda/kernel_args.hpp"
+
+namespace vattn::cuda::detail {
+
+// 2^x by the special-function unit (relative error about 2^-22; ex2(-inf) = 0).
+__device__ __forceinline__ float exp2_approx(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+
+// KV element types: the storage type and the unpacking of one 16-byte word into floats.
+template <dtype T>
+struct kv_elem;
+template <>
+struct kv_elem<dtype::bf16> {
+  using type = __nv_bfloat16;
+  static constexpr int k_per_word = 8;
+  __device__ static void unpack(const uint4& w, float* x) {
+    const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&w);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const float2 f = __bfloat1622float2(h[i]);
+      x[2 * i] = f.x, x[2 * i + 1] = f.y;
+    }
+  }
+};
+template <>
+struct kv_elem<dtype::f16> {
+  using type = __half;
+  static constexpr int k_per_word = 8;
+  __device__ static void unpack(const uint4& w, float* x) {
+    const __half2* h = reinterpret_cast<const __half2*>(&w);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const float2 f = __half22float2(h[i]);
+      x[2 * i] = f.x, x[2 * i + 1] = f.y;
+    }
+  }
+};
+template <>
+struct kv_elem<dtype::f32> {
+  using type = float;
+  static constexpr int k_per_word = 4;
+  __device__ static void unpack(const uint4& w, float* x) {
+    x[0] = __uint_as_float(w.x), x[1] = __uint_as_float(w.y);
+    x[2] = __uint_as_float(w.z), x[3] = __uint_as_float(w.w);
+  }
+};
+
+// How a block covers token rows: `k_lanes` consecutive lanes share one row, each holding
+// `k_dims` of its dimensions; a lane keeps G query rows and G accumulators of k_dims floats, so
+// wider groups take fewer dims per lane to stay within registers.
+template <int D, int G>
+struct tiling {
+  static constexpr int k_dims = G <= 4 ? 16 : 8;
+  static constexpr int k_lanes = D / k_dims;
+  static constexpr int k_tokens = 32 / k_lanes;  // rows per warp per unrolled step
+  static constexpr int k_unroll = 2;             // rows per lane loaded before any is used
+  static constexpr int k_warps = k_threads / 32;
+  static constexpr int k_slots = k_warps * k_tokens;  // partial states a block merges
+  static constexpr int k_step = k_slots * k_unroll;   // tokens a block covers per step
+  static_assert(D % k_dims == 0 && 32 % k_lanes == 0 && k_lanes <= 32, "bad tiling");
+};
+
+// Loads this lane's `P` elements of a row (16-byte words, read-only path) as floats.
+template <dtype T, int P>
+__device__ __forceinline__ void load_row(const typename kv_elem<T>::type* row, float (&x)[P]) {
+  constexpr int n_words = P / kv_elem<T>::k_per_word;
+  const uint4* p = reinterpret_cast<const uint4*>(row);
+  uint4 w[n_words];
+#pragma unroll
+  for (int i = 0; i < n_words; ++i) w[i] = __ldg(p + i);
+#pragma unroll
+  for (int i = 0; i < n_words; ++i) kv_elem<T>::unpack(w[i], x + i * kv_elem<T>::k_per_word);
+}
+
+__device__ inline void report(device_status* st, int32_t code, int32_t seq, int64_t value,
+                              int64_t aux, int64_t limit) {
+  if (atomicCAS(&st->code, 0, code) == 0) {
+    st->seq = seq, st->value = value, st->aux = aux, st->limit = limit;
+  }
+}
+
+// First row of sequence s when sequences are packed one after another: each warp sums
+// seq_len[0 .. s) by lanes and a butterfly (every lane gets the total).
+__device__ inline int64_t packed_row0(const int32_t* seq_len, int s) {
+  int64_t acc = 0;
+  for (int i = threadIdx.x % 32; i < s; i += 32) acc += seq_len[i];
+#pragma unroll
+  for (int off = 16; off > 0; off /= 2) acc += __shfl_xor_sync(0xffffffffu, acc, off);
+  return acc;
+}
+
+// One block: (split, group of G query heads, sequence). It walks its chunk of the sequence's
+// tokens (dense) or of its list (sparse) with an online softmax per lane group, merges the
+// lane groups through shared memory and writes one partial state per query head and split.
+// Device-resident arguments are checked on the way; a bad one is reported and the block stops
+// (the merge then writes NaN).
+template <dtype T, int D, int G, bool Sparse>
+__global__ void __launch_bounds__(k_threads) split_kernel(const split_args a) {
+  using tl = tiling<D, G>;
+  using elem_t = typename kv_elem<T>::type;
+  constexpr int P = tl::k_dims, LPT = tl::k_lanes, TPW = tl::k_tokens, U = tl::k_unroll;
+  __shared__ float sm_o[tl::k_slots][G][D];
+  __shared__ float sm_m[tl::k_slots][G];
+  __shared__ float sm_l[tl::k_slots][G];
+
+  const int split = blockIdx.x, qh0 = blockIdx.y * G, s = blockIdx.z;
+  const int kvh = qh0 / a.group;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int slot = lane / LPT, sub = lane % LPT;
+  // partial state of query head qh0 + h: index part0 + h * n_split
+  const size_t part0 = (size_t(s) * a.n_head_q + qh0) * a.n_split + split;
+
+  // --- device-resident arguments of this sequence (every condition is uniform in the block)
+  const int n = a.seq_len[s];
+  if (n < 1 || n > a.n_tokens_max) {
+    if (threadIdx.x == 0) report(a.status, k_bad_seq_len, s, n, a.n_tokens_max, 0);
+    return;
+  }
+  int64_t row0 = 0;  // contiguous: first row; paged: first entry in page_table
+  if (!a.paged) {
+    row0 = a.seq_start ? a.seq_start[s] : packed_row0(a.seq_len, s);
+    if (row0 < 0 || row0 + n > a.n_rows) {
+      if (threadIdx.x == 0) report(a.status, k_bad_rows, s, row0, n, a.n_rows);
+      return;
+    }
+  } else {
+    row0 = a.page_start[s];
+    if (row0 < 0) {
+      if (threadIdx.x == 0) report(a.status, k_bad_page_start, s, row0, 0, 0);
+      return;
+    }
+  }
+  int total = n;
+  const int32_t* list = nullptr;
+  const float* list_w = nullptr;
+  if constexpr (Sparse) {
+    const int64_t lh = int64_t(s) * a.list_heads + (a.per_group ? kvh : qh0);
+    total = a.list_len[lh];
+    if (total < 1 || total > a.list_stride) {
+      if (threadIdx.x == 0) report(a.status, k_bad_list_len, s, total, lh, a.list_stride);
+      return;
+    }
+    list = a.indices + lh * a.list_stride;
+    list_w = a.weights + lh * a.list_stride;
+  }
+
+  // --- this block's chunk: at least k_min_chunk items, so short sequences use few blocks
+  const int64_t chunk = max((int64_t(total) + a.n_split - 1) / a.n_split, int64_t(k_min_chunk));
+  const int64_t t0 = min(int64_t(total), int64_t(split) * chunk);
+  const int t1 = int(min(int64_t(total), t0 + chunk));
+  if (t0 >= t1) {  // nothing here: an empty state (m = -inf) that the merge skips
+    for (int o = threadIdx.x; o < G * D; o += k_threads) {
+      const size_t pi = part0 + size_t(o / D) * a.n_split;
+      a.part_o[pi * D + o % D] = 0.f;
+      if (o % D == 0) a.part_ml[pi] = make_float2(-INFINITY, 0.f);
+    }
+    return;
+  }
+
+  const elem_t* kb = static_cast<const elem_t*>(a.k) + kvh * a.stride_head + sub * P;
+  const elem_t* vb = static_cast<const elem_t*>(a.v) + kvh * a.stride_head + sub * P;
+  auto row_offset = [&](int t) -> int64_t {
+    if (!a.paged) return (row0 + t) * a.stride_token;
+    const int64_t pi = row0 + t / a.page_size;
+    int64_t page = a.page_table[pi];
+    if (page < 0 || page >= a.n_pages) {
+      report(a.status, k_bad_page, s, page, pi, a.n_pages);
+      page = 0;  // a valid row to read; the run's output is NaN anyway
+    }
+    return page * a.stride_page + int64_t(t % a.page_size) * a.stride_token;
+  };
+
+  // Queries pre-scaled by scale * log2(e): logits come out in base 2 for exp2.
+  float qr[G][P];
+#pragma unroll
+  for (int h = 0; h < G; ++h) {
+    const float* qh = a.q + (size_t(s) * a.n_head_q + qh0 + h) * D + sub * P;
+#pragma unroll
+    for (int j = 0; j < P; ++j) qr[h][j] = qh[j] * a.scale_log2;
+  }
+  float m[G], l[G], acc[G][P];
+#pragma unroll
+  for (int h = 0; h < G; ++h) {
+    m[h] = -INFINITY, l[h] = 0.f;
+#pragma unroll
+    for (int j = 0; j < P; ++j) acc[h][j] = 0.f;
+  }
+
+  // Warps interleave by steps of U x TPW rows. The loop bound is uniform in a warp (the
+  // shuffles need every lane); a lane past the end reloads a valid row and discards it. All U
+  // rows are loaded before any is used, so U x 2 rows' words per lane are in flight.
+  for (int base = int(t0) + warp * TPW * U; base < t1; base += tl::k_step) {
+    float kx[U][P], vx[U][P], wt[U];
+    bool valid[U];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int i = base + u * TPW + slot;
+      valid[u] = i < t1;
+      const int ii = valid[u] ? i : base;
+      int t = ii;
+      wt[u] = 1.f;
+      if constexpr (Sparse) {
+        t = list[ii];
+        wt[u] = list_w[ii];
+        if (t < 0 || t >= n) {
+          report(a.status, k_bad_index, s, t, (list - a.indices) + ii, n);
+          t = 0;
+        }
+      }
+      const int64_t off = row_offset(t);
+      load_row<T, P>(kb + off, kx[u]);
+      load_row<T, P>(vb + off, vx[u]);
+    }
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      float sc[G];
+#pragma unroll
+      for (int h = 0; h < G; ++h) {
+        float d = 0.f;
+#pragma unroll
+        for (int j = 0; j < P; ++j) d = fmaf(qr[h][j], kx[u][j], d);
+        sc[h] = d;
+      }
+#pragma unroll
+      for (int off = LPT / 2; off > 0; off /= 2)
+#pragma unroll
+        for (int h = 0; h < G; ++h) sc[h] += __shfl_xor_sync(0xffffffffu, sc[h], off);
+      if (!valid[u]) continue;
+#pragma unroll
+      for (int h = 0; h < G; ++h) {
+        const float mn = fmaxf(m[h], sc[h]);
+        const float r = exp2_approx(m[h] - mn);  // m = -inf on the first row: r = 0
+        const float p = wt[u] * exp2_approx(sc[h] - mn);
+        l[h] = fmaf(l[h], r, p);
+#pragma unroll
+        for (int j = 0; j < P; ++j) acc[h][j] = fmaf(p, vx[u][j], acc[h][j] * r);
+        m[h] = mn;
+      }
+    }
+  }
+  // A lane group whose loop ran zero times holds m = -inf, l = 0, acc = 0: an empty state.
+
+  // --- merge the block's k_slots lane groups through shared memory, one output per thread
+  const int g = warp * TPW + slot;
+#pragma unroll
+  for (int h = 0; h < G; ++h) {
+    if (sub == 0) sm_m[g][h] = m[h], sm_l[g][h] = l[h];
+#pragma unroll
+    for (int j = 0; j < P; ++j) sm_o[g][h][sub * P + j] = acc[h][j];
+  }
+  __syncthreads();
+  for (int o = threadIdx.x; o < G * D; o += k_threads) {
+    const int h = o / D, d = o % D;
+    float mx = -INFINITY;
+    for (int x = 0; x < tl::k_slots; ++x) mx = fmaxf(mx, sm_m[x][h]);
+    float sum = 0.f, out = 0.f;
+    if (mx != -INFINITY) {
+      for (int x = 0; x < tl::k_slots; ++x) {
+        const float r = exp2_approx(sm_m[x][h] - mx);
+        sum = fmaf(sm_l[x][h], r, sum);
+        out = fmaf(sm_o[x][h][d], r, out);
+      }
+    }
+    const size_t pi = part0 + size_t(h) * a.n_split;
+    a.part_o[pi * D + d] = out;
+    if (d == 0) a.part_ml[pi] = make_float2(mx, sum);
+  }
+}
+
+// The entry points kernel_args.hpp declares, for one instance.
+template <dtype T, int D, int G, bool Sparse>
+cudaError_t launch_split(const split_args& a, dim3 grid, cudaStream_t stream) {
+  split_kernel<T, D, G, Sparse><<<grid, k_threads, 0, stream>>>(a);
+  return cudaGetLastError();
+}
+
+template <dtype T, int D, int G, bool Sparse>
+int split_blocks_per_sm() {
+  int n = 0;
+  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, split_kernel<T, D, G, Sparse>, k_threads,
+                                                    0) != cudaSuccess)
+    return 0;
+  return n;
+}
+
+// Explicit instances of one KV type: head_dim 64 and 128, 1, 2, 4 or 8 heads per block, dense
+// and sparse (each instance file invokes this once).
+#define VATTN_CUDA_SPLIT_INSTANCE(T, D, G, S)                                           \
+  template cudaError_t launch_split<T, D, G, S>(const split_args&, dim3, cudaStream_t); \
+  template int split_blocks_per_sm<T, D, G, S>();
+#define VATTN_CUDA_SPLIT_INSTANCES_G(T, D)  \
+  VATTN_CUDA_SPLIT_INSTANCE(T, D, 1, false) \
+  VATTN_CUDA_SPLIT_INSTANCE(T, D, 1, true)  \
+  VATTN_CUDA_SPLIT_INSTANCE(T, D, 2, false) \
+  VATTN_CUDA_SPLIT_INSTANCE(T, D, 2, true)  \
+  VATTN_CUDA_SPLIT_INSTANCE(T, D, 4, false) \
+  VATTN_CUDA_SPLIT_INSTANCE(T, D, 4, true)  \
+  VATTN_CUDA_SPLIT_INSTANCE(T, D, 8, false) \
+  VATTN_CUDA_SPLIT_INSTANCE(T, D, 8, true)
+#define VATTN_CUDA_SPLIT_INSTANCES(T) \
+  VATTN_CUDA_SPLIT_INSTANCES_G(T, 64) \
+  VATTN_CUDA_SPLIT_INSTANCES_G(T, 128)
+
+}  // namespace vattn::cuda::detail

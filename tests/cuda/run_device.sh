@@ -1,0 +1,67 @@
+#!/usr/bin/env bash
+# run_device.sh: the CUDA backend's whole check on a GPU machine, from the repository root:
+# build (16 jobs), the tests through ctest, compute-sanitizer memcheck (every test) and racecheck
+# (the shared-memory merge: a subset of cases), then the benchmark. Logs go to $OUT (default
+# build/cuda-device). Dependencies the machine lacks (nlohmann-json, GoogleTest) are taken from
+# build/deps/usr when present (copies of the Debian packages); if the build still fails, the
+# prebuilt binaries in build/cuda-carry are used instead. On a Debian machine with the packages:
+#   d=build/deps/usr; mkdir -p $d/include $d/share/cmake $d/lib/x86_64-linux-gnu/cmake
+#   cp -r /usr/include/{nlohmann,gtest,gmock} $d/include
+#   cp -r /usr/share/cmake/nlohmann_json $d/share/cmake
+#   cp /usr/lib/x86_64-linux-gnu/lib{gtest,gmock}*.a $d/lib/x86_64-linux-gnu
+#   cp -r /usr/lib/x86_64-linux-gnu/cmake/GTest $d/lib/x86_64-linux-gnu/cmake
+set -uo pipefail
+out=${OUT:-build/cuda-device}
+mkdir -p "$out"
+build=build/cuda
+step() { printf '\n=== %s\n' "$*"; }
+
+{
+  step "machine"
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,clocks.max.mem \
+    --format=csv
+  nvcc --version | tail -2
+  cmake --version | head -1
+  nproc
+
+  step "configure and build (16 jobs)"
+  t0=$(date +%s)
+  prefix=()
+  [ -d build/deps/usr ] && prefix=(-DCMAKE_PREFIX_PATH="$PWD/build/deps/usr")
+  if cmake -S . -B $build -G Ninja -DVATTN_CUDA=ON -DCMAKE_CUDA_COMPILER="$(command -v nvcc)" \
+       -DCMAKE_BUILD_TYPE=Release -DVATTN_TOOLS=OFF -DVATTN_BENCH=OFF "${prefix[@]}" \
+       >"$out/configure.log" 2>&1 &&
+     cmake --build $build -j16 --target test_cuda bench_cuda >"$out/build.log" 2>&1; then
+    echo "built here in $(($(date +%s) - t0)) s"
+    bin=$build
+    step "ctest (full output in ctest.txt)"
+    ctest --test-dir $build -R cuda --output-on-failure -V >"$out/ctest.txt" 2>&1
+    echo "ctest rc=$?"
+    grep -E '^[0-9]+: \[cuda|Test +#|tests passed|tests failed|FAILED|Failure' "$out/ctest.txt"
+  else
+    echo "build here failed after $(($(date +%s) - t0)) s; tails of the logs:"
+    tail -15 "$out/configure.log" "$out/build.log"
+    bin=build/cuda-carry
+    step "tests (carried binary)"
+    $bin/test_cuda
+    echo "test_cuda rc=$?"
+  fi
+
+  step "compute-sanitizer memcheck (all tests)"
+  timeout 300 compute-sanitizer --tool memcheck --error-exitcode 3 \
+    $bin/test_cuda --gtest_brief=1 >"$out/memcheck.txt" 2>&1
+  echo "memcheck rc=$?"
+  tail -8 "$out/memcheck.txt"
+
+  step "compute-sanitizer racecheck (subset)"
+  timeout 200 compute-sanitizer --tool racecheck --error-exitcode 3 $bin/test_cuda \
+    --gtest_brief=1 \
+    --gtest_filter='cuda_dense.strided*:cuda_dense.graph*:cuda_errors.*:cuda_sampler.repro*' \
+    >"$out/racecheck.txt" 2>&1
+  echo "racecheck rc=$?"
+  tail -8 "$out/racecheck.txt"
+
+  step "benchmark"
+  timeout 240 $bin/bench_cuda 8192,32768,131072 1,16
+  echo "bench rc=$?"
+} 2>&1 | tee "$out/log.txt"
