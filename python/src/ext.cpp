@@ -133,6 +133,8 @@ std::vector<int32_t> to_i32(const char* name, const nb::ndarray<nb::ro>& a, int6
 }
 
 // Builds the kernels' view of K and V: strides in elements, sequence starts in token rows.
+// It holds the arrays alive but keeps their data pointers: the package builds one per call, and
+// so should direct users of _core (an array resized in place afterwards is not seen).
 // Contiguous layout: element (s, t, h, d) at k[(seq_start[s] + t) * stride_token + h * stride_head
 // + d]; paged: at k[page * stride_page + (t % page_size) * stride_token + h * stride_head + d].
 // Every address the kernels may read is checked against the arrays' extents.
@@ -159,9 +161,10 @@ py_kv make_kv(array k, array v, int32_t n_head_kv, int32_t head_dim, nb::ndarray
     if (r.lens[size_t(s)] < 1)
       fail("seq_lens[" + std::to_string(s) + "] is " + std::to_string(r.lens[size_t(s)]) +
            ": every sequence needs at least one cached token");
-  const int64_t row_tail = int64_t(n_head_kv - 1) * stride_head + head_dim;  // elems of one row
-  const int64_t ek = extent_elems("k", k), ev = extent_elems("v", v);
-  const int64_t extent = std::min(ek, ev);
+  // Bounds in 128-bit arithmetic: no stride or count can wrap the check around.
+  using wide = __int128;
+  const wide row_tail = wide(n_head_kv - 1) * stride_head + head_dim;  // elements of one row
+  const wide extent = std::min(extent_elems("k", k), extent_elems("v", v));
 
   vattn::kv_cache& kv = r.kv;
   kv.type = kt;
@@ -183,10 +186,12 @@ py_kv make_kv(array k, array v, int32_t n_head_kv, int32_t head_dim, nb::ndarray
     }
     int64_t rows = 0;
     for (int64_t s = 0; s < n_seq; ++s) {
-      if (r.starts[size_t(s)] < 0) fail("seq_start[" + std::to_string(s) + "] is negative");
+      if (r.starts[size_t(s)] < 0 || r.starts[size_t(s)] > extent)
+        fail("seq_start[" + std::to_string(s) + "] = " + std::to_string(r.starts[size_t(s)]) +
+             " lies outside the k/v arrays");
       rows = std::max(rows, r.starts[size_t(s)] + r.lens[size_t(s)]);
     }
-    if ((rows - 1) * stride_token + row_tail > extent)
+    if (wide(rows - 1) * stride_token + row_tail > extent)
       fail(
           "k/v are too small for the sequences, strides and heads given (the last token row "
           "would end past the arrays)");
@@ -196,7 +201,7 @@ py_kv make_kv(array k, array v, int32_t n_head_kv, int32_t head_dim, nb::ndarray
     if (!page_table || !page_start) fail("a paged cache needs page_table and page_start");
     if (page_size < 1 || n_pages < 1 || stride_page < 1)
       fail("page_size, n_pages and stride_page must be >= 1 for a paged cache");
-    if ((n_pages - 1) * stride_page + int64_t(page_size - 1) * stride_token + row_tail > extent)
+    if (wide(n_pages - 1) * stride_page + wide(page_size - 1) * stride_token + row_tail > extent)
       fail("k/v are too small for n_pages pages of page_size tokens with the strides given");
     r.pstarts = to_i64("page_start", *page_start, n_seq);
     const int64_t entries = page_table->ndim() == 1 ? int64_t(page_table->shape(0)) : -1;
@@ -321,6 +326,9 @@ const char* sample_name(vattn::sampling s) {
 
 NB_MODULE(_core, m) {
   m.doc() = "vattn C++ core: verified sparse attention for LLM decoding";
+  // Plans and indices held by module-level caches, torch's op registry or a user's globals are
+  // still alive when the interpreter shuts down: that is no leak, so no warning at exit.
+  nb::set_leak_warnings(false);
   nb::register_exception_translator([](const std::exception_ptr& p, void*) {
     try {
       std::rethrow_exception(p);

@@ -69,6 +69,42 @@ def test_exact_budget_generates_what_dense_generates(family, predictor):
     assert model.config._attn_implementation == "sdpa"
 
 
+@pytest.mark.parametrize("setup", ["static", "beams", "window"])
+def test_static_caches_beams_and_windows(setup):
+    # exact budgets give dense's tokens; the sampling key's step advances every decode step
+    kw, family = {}, "llama"
+    if setup == "static":
+        kw = dict(cache_implementation="static")
+    elif setup == "beams":
+        kw = dict(num_beams=3)
+    else:
+        family = "mistral"
+    model = tiny_model(family, **({"sliding_window": 300} if setup == "window" else {}))
+    ids, mask = prompt()
+    with torch.no_grad():
+        dense = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False,
+                               pad_token_id=0, **kw)
+        run = vattn.hf.enable(model, vattn.Config("vattention", predictor="signs", **EXACT),
+                              collect=True)
+        got = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False,
+                             pad_token_id=0, **kw)
+    run.disable()
+    assert torch.equal(got, dense)
+    steps = [r["step"] for r in run.records if r["layer"] == 0]
+    assert steps == sorted(set(steps)) and len(steps) == 5
+    if setup == "window":
+        assert all(int(r["n"].max()) == 300 for r in run.records)
+
+
+def test_enabled_models_can_be_copied():
+    import copy
+    model = tiny_model()
+    vattn.hf.enable(model, vattn.Config("vattention", **EXACT))
+    twin = copy.deepcopy(model)
+    ids, mask = prompt()
+    assert torch.equal(generate(twin, ids, mask), generate(model, ids, mask))
+
+
 def test_attn_implementation_at_load_time(tmp_path):
     tiny_model().save_pretrained(tmp_path)
     vattn.hf.register(vattn.Config("vattention", **EXACT))
@@ -150,3 +186,11 @@ def test_errors_are_clear():
         vattn.hf.attention_forward(attn, q, k, k, bias, scaling=0.25)
     with pytest.raises(ValueError, match="softcap"):
         vattn.hf.attention_forward(attn, q, k, k, None, scaling=0.25, softcap=30.0)
+    with pytest.raises(ValueError, match="s_aux"):
+        vattn.hf.attention_forward(attn, q, k, k, None, scaling=0.25, s_aux=torch.zeros(8))
+    per_head = torch.ones(1, 8, 1, 1100, dtype=torch.bool)
+    per_head[:, 3, :, :10] = False
+    with pytest.raises(ValueError, match="every head"):
+        vattn.hf.attention_forward(attn, q, k, k, per_head, scaling=0.25)
+    with pytest.raises(ValueError, match="attention mask"):
+        vattn.hf.attention_forward(attn, q, k, k, per_head[..., :1000], scaling=0.25)

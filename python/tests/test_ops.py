@@ -134,15 +134,32 @@ def test_sampling_is_keyed_by_step_and_seq_id():
 
 @pytest.mark.parametrize("predictor", ["pages", "signs"])
 def test_decoder_appends_to_its_index_like_a_rebuild(predictor):
-    # a Decoder kept across steps appends new tokens to its predictor index; the result equals a
-    # one-shot call that builds the index from scratch
+    # a Decoder kept across steps appends new tokens to its predictor index; whatever happens to
+    # the cache between steps, the result equals a one-shot call that builds the index afresh
     q, k, v = problem(t=2600)
     cfg = vattn.Config("vattention", predictor=predictor, sink=16, local=16, gqa_shared=True)
     dec = vattn.Decoder(cfg)
+
+    def same(kk, vv, **kw):
+        assert torch.equal(dec(q, kk, vv, **kw), vattn.attention(q, kk, vv, cfg, **kw))
+
     for n in (1500, 1501, 2100, 2600):  # the last growth passes the 2048-token plan capacity
-        kk, vv = k[:, :, :n], v[:, :, :n]
-        step_out = dec(q, kk, vv, step=n)
-        assert torch.equal(step_out, vattn.attention(q, kk, vv, cfg, step=n))
+        same(k[:, :, :n], v[:, :, :n], step=n)
+    same(k, v, seq_start=[900, 900], seq_lens=[1700, 1700], step=1)  # a sliding window moved
+    same(k, v, seq_start=[901, 901], seq_lens=[1699, 1699], step=2)
+    same(k.flip(0), v.flip(0), step=3)  # the batch reordered in place (beam search)
+    k2, v2 = k.clone(), v.clone()
+    k2[:, :, 2000:] += 1  # other sequences with a shared prefix, longer than before
+    same(k2, v2, step=4)
+    dec.reset()
+    same(k2, v2, step=5)
+
+
+def test_single_token_caches_with_odd_strides():
+    q, k, v = problem(t=1)
+    odd = lambda x: x.as_strided(x.shape, (x.stride(0), x.stride(1), 3, 1))
+    out = vattn.attention(q, odd(k), odd(v), "method=dense")
+    assert rel_err(out, reference(q, k, v)) < 1e-5
 
 
 def test_torch_op():
@@ -150,6 +167,8 @@ def test_torch_op():
     lens = torch.tensor([700, 500])
     out = torch.ops.vattn.decode(q, k, v, lens, "method=dense", 0)
     assert rel_err(out, reference(q, k, v, lens=[700, 500])) < 1e-5
+    out = torch.ops.vattn.decode(q, k, v, lens, "method=dense", 0, torch.tensor([0, 150]))
+    assert rel_err(out, reference(q, k, v, starts=[0, 150], lens=[700, 500])) < 1e-5
     torch.library.opcheck(torch.ops.vattn.decode.default, (q, k, v, lens, "method=dense", 0),
                           test_utils=("test_schema", "test_faketensor"))
 
@@ -199,6 +218,9 @@ def test_bad_values_raise():
     q2[0, 1, 2] = float("inf")
     with pytest.raises(ValueError, match="q contains NaN/Inf"):
         vattn.attention(q2, k, v)
+    with pytest.raises(ValueError, match="page_table"):  # an id beyond int32 is not truncated
+        vattn.attention(q, k.transpose(1, 2), v.transpose(1, 2), seq_lens=[5, 5],
+                        page_table=torch.tensor([[2**32 + 1], [0]]))
     with pytest.raises(ValueError, match="paged cache needs seq_lens"):
         vattn.attention(q, k.transpose(1, 2), v.transpose(1, 2),
                         page_table=torch.zeros(2, 1, dtype=torch.int32))

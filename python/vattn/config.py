@@ -83,6 +83,9 @@ class Config:
     def __repr__(self) -> str:
         return f"vattn.Config.parse({self.to_string()!r})"
 
+    def __reduce__(self):  # pickle / deepcopy through the text form
+        return (Config.parse, (self.to_string(),))
+
     def __eq__(self, other) -> bool:
         return isinstance(other, Config) and self.to_string() == other.to_string()
 

@@ -10,7 +10,10 @@ or, on a loaded model (with per-layer statistics):
     print(run.summary())          # per layer: density, budget, estimated and measured error
 
 The prefill (several queries at once) runs dense through torch SDPA; each decode step (one query
-per sequence) runs vAttention over the layer's whole cache, as the model's cache object holds it.
+per sequence) runs vAttention over the layer's whole cache, as the model's cache object holds it
+(dynamic or static caches, left padding, sliding windows, beam search). generate(use_cache=False)
+recomputes every step as a prefill, so it runs dense throughout. register(config) sets the
+process-wide default for layers that vattn.hf.enable did not set up.
 Tested with transformers >= 5.0, < 6 (TRANSFORMERS_RANGE).
 """
 
@@ -93,6 +96,7 @@ class _LayerState:
         self.collector = collector
         self.decoder = None
         self.scaling = None
+        self.position = 0  # the last query's position (when the model passes no position_ids)
 
     def decoder_for(self, scaling: Optional[float], head_dim: int) -> Decoder:
         if self.decoder is None or scaling != self.scaling:
@@ -125,9 +129,13 @@ def _visible_ranges(mask, batch: int, kv_len: int, window):
     if mask is None:
         starts, lens = [0] * batch, [kv_len] * batch
     else:
-        if mask.dim() != 4:
-            raise ValueError(f"vattn expects a 4-D attention mask, got shape {tuple(mask.shape)}")
-        m = mask[:, 0, -1, :kv_len]
+        if mask.dim() != 4 or mask.shape[-1] < kv_len or mask.shape[0] not in (1, batch):
+            raise ValueError(f"vattn expects a [batch, 1, 1, >= {kv_len}] attention mask at a decode "
+                             f"step, got shape {tuple(mask.shape)}")
+        m = mask[:, :, -1, :kv_len]
+        if m.shape[1] > 1 and not bool((m == m[:, :1]).all()):
+            raise ValueError("vattn needs one attention mask for every head of a sequence")
+        m = m[:, 0]
         if m.dtype == torch.bool:
             visible = m
         else:
@@ -145,7 +153,8 @@ def _visible_ranges(mask, batch: int, kv_len: int, window):
             lo, hi = int(idx[0]), int(idx[-1]) + 1
             if idx.numel() != hi - lo:
                 raise ValueError(f"sequence {i}: vattn needs the visible tokens to form one "
-                                 "contiguous range (left or right padding)")
+                                 "contiguous range (left padding, sliding windows); pass an "
+                                 "attention_mask of ones if the prompt holds pad-token ids")
             starts.append(lo)
             lens.append(hi - lo)
     if window is not None and mask is None:
@@ -154,6 +163,11 @@ def _visible_ranges(mask, batch: int, kv_len: int, window):
                 starts[i] += lens[i] - window
                 lens[i] = window
     return starts, lens
+
+
+# Keyword arguments of attention functions that change the arithmetic and vattn does not implement.
+_UNSUPPORTED = {"softcap": "attention logit softcapping", "position_bias": "additive position "
+                "biases", "s_aux": "learned attention sinks", "sinks": "learned attention sinks"}
 
 
 def _dense_reference(query, key, value, starts, lens, scaling):
@@ -177,21 +191,26 @@ def attention_forward(module, query, key, value, attention_mask, dropout: float 
     state = _state(module)
     if query.shape[2] != 1 or module.training:
         state.reset()  # a prefill starts new sequences: the predictor index starts over
+        state.position = key.shape[2] - 1
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                       scaling=scaling, is_causal=is_causal, **kwargs)
-    if kwargs.get("softcap") is not None:
-        raise ValueError("vattn does not support attention logit softcapping (softcap)")
-    if kwargs.get("position_bias") is not None:
-        raise ValueError("vattn does not support additive position biases (position_bias)")
+    for name, what in _UNSUPPORTED.items():
+        if kwargs.get(name) is not None:
+            raise ValueError(f"vattn does not support {what} ({name})")
     batch, kv_len = query.shape[0], key.shape[2]
     starts, lens = _visible_ranges(attention_mask, batch, kv_len, kwargs.get("sliding_window"))
+    # the sampling key's step: the query's position, which advances with every decode step (the
+    # cache length does not under static caches and sliding windows)
+    state.position += 1
+    position_ids = kwargs.get("position_ids")
+    step = int(position_ids.max()) if position_ids is not None else state.position
     decoder = state.decoder_for(scaling, query.shape[-1])
     collector = state.collector
-    out = decoder(query, key, value, seq_lens=lens, seq_start=starts, step=kv_len,
+    out = decoder(query, key, value, seq_lens=lens, seq_start=starts, step=step,
                   return_stats=collector is not None)
     if collector is not None:
         out, stats = out
-        record = {"layer": state.layer, "step": kv_len, **stats}
+        record = {"layer": state.layer, "step": step, **stats}
         if collector.errors:
             ref = _dense_reference(query, key, value, starts, lens, scaling)
             got = out[:, :, 0].double()
@@ -234,7 +253,7 @@ class Enabled:
         return self.collector.summary(self.config.eps if self.config.sample == "adaptive" else None)
 
     def disable(self) -> None:
-        disable(self.model, self.previous)
+        disable(self.model, self.previous if self.previous != NAME else "sdpa")
 
 
 def enable(model, config: Union[Config, str, None] = None, *, collect: bool = False,

@@ -67,6 +67,7 @@ class _Cache:
         if k.numel() == 0:
             raise ValueError(f"k and v must not be empty, got shape {tuple(k.shape)}")
         self.dtype = _KV_DTYPES[k.dtype]
+        self.k = k
         if page_table is not None:
             self._paged(k, v, seq_lens, page_table)
         else:
@@ -83,6 +84,8 @@ class _Cache:
             sb, st, sh = k.stride(0), k.stride(1), k.stride(2)
         if t > 1 and st < 1 or hkv > 1 and sh < 1:
             raise ValueError(f"k's token and head strides must be positive, got {k.stride()}")
+        if t == 1:  # a single token: its stride is never used to step, any row stride fits
+            st = sb if b > 1 and sb > 0 else 1
         st, sh = max(st, 1), max(sh, 1)
         rows_per_seq = 0
         if b > 1:
@@ -97,6 +100,7 @@ class _Cache:
                 raise ValueError(f"sequence {i}: tokens [{s0}, {s0 + n}) must be a non-empty "
                                  f"range inside the cache's {t} tokens")
         self.n_seq, self.n_head_kv, self.head_dim, self.lens = b, hkv, d, lens
+        self.layout, self.starts = layout, starts
         self.core = _core.KvCache(
             k, v, hkv, d, torch.tensor(lens, dtype=torch.int32), st, sh,
             seq_start=torch.tensor([i * rows_per_seq + s for i, s in enumerate(starts)],
@@ -117,11 +121,24 @@ class _Cache:
                 raise ValueError(f"seq_lens[{i}] = {n} must lie in [1, {max_pages * page_size}] "
                                  "(page_table's width times page_size)")
         self.n_seq, self.n_head_kv, self.head_dim, self.lens = b, hkv, d, lens
+        self.layout, self.starts, self.page_size = "paged", [0] * b, page_size
+        self.table = page_table.reshape(b, max_pages)
         self.core = _core.KvCache(
             k, v, hkv, d, torch.tensor(lens, dtype=torch.int32), k.stride(1), k.stride(2),
-            page_size=page_size, page_table=page_table.reshape(-1).to(torch.int32).contiguous(),
+            page_size=page_size, page_table=page_table.reshape(-1).contiguous(),
             page_start=torch.arange(b, dtype=torch.int64) * max_pages, n_pages=n_pages,
             stride_page=k.stride(0))
+
+    def probe(self, i: int, first: int, last: int) -> torch.Tensor:
+        """Element 0 of every kv head's key at tokens [first, last) of sequence i: [n, heads]."""
+        pos = torch.arange(first, last)
+        if self.layout == "paged":
+            pages = self.table[i, pos // self.page_size].long()
+            return self.k[pages, pos % self.page_size, :, 0].clone()
+        pos = pos + self.starts[i]
+        if self.layout == "bhtd":
+            return self.k[i, :, pos, 0].t().clone()
+        return self.k[i, pos, :, 0].clone()
 
 
 def _query(q, n_seq: int, head_dim: int) -> tuple:
@@ -148,28 +165,55 @@ def _bucket(n: int) -> int:
     return max(1024, 1 << (n - 1).bit_length())
 
 
+# Tokens at the end of what an index holds that are compared before appending to it: a cache
+# whose sequences were replaced or reordered (beam search) differs there, and the index starts over.
+_PROBE = 32
+_plans = {}  # attention()'s plans, by config and shapes (a plan holds no per-call state)
+_plans_lock = threading.Lock()
+
+
+def _shared_plan(args: tuple):
+    key = (args[0].to_string(),) + args[1:]
+    with _plans_lock:
+        plan = _plans.get(key)
+        if plan is None:
+            if len(_plans) >= 16:
+                _plans.pop(next(iter(_plans)))
+            plan = _plans[key] = (_core.Plan(*args), threading.Lock())
+        return plan
+
+
 class Decoder:
     """One layer's decode attention: a plan (and a predictor index) kept across steps.
 
     Call it once per decode step with the layer's query and whole cache. The plan is made for the
-    batch and head shapes and for a token capacity that doubles as the cache grows; a predictor
-    index (predictor=pages or signs) is appended to as tokens arrive. Call reset() when the
-    sequences in the batch are replaced by others.
+    batch and head shapes and for a token capacity that doubles as the cache grows. A predictor
+    index (predictor=pages or signs) is appended to as tokens arrive; it starts over by itself
+    when a sequence's visible range moves (sliding windows), shrinks, or its last indexed keys
+    changed (new or reordered sequences). reset() forgets it explicitly.
     """
 
     def __init__(self, config: Union[Config, str, None] = None, *, n_threads: int = 0):
         self.config = Config.of(config)
         self.n_threads = int(n_threads)
-        self._plan = None
-        self._index = None
-        self._shape = None
+        self._drop_state()
         self._lock = threading.Lock()
+
+    def _drop_state(self) -> None:
+        self._plan = self._index = self._shape = self._seen = None
+
+    def __getstate__(self):  # copies (copy.deepcopy of a model) start without plan or index
+        return {"config": self.config, "n_threads": self.n_threads}
+
+    def __setstate__(self, state):
+        self.__init__(state["config"], n_threads=state["n_threads"])
 
     def reset(self) -> None:
         """Forget the predictor index (new sequences)."""
         with self._lock:
             if self._index is not None:
                 self._index.clear()
+            self._seen = None
 
     def _prepare(self, cache: _Cache, heads: int) -> None:
         need = max(cache.lens)
@@ -184,11 +228,37 @@ class Decoder:
         self._plan = _core.Plan(*args)
         self._index = _core.PredictorIndex(*args) if self.config.predictor != "oracle" else None
         self._shape = shape
+        self._seen = None
+
+    def _index_still_holds(self, cache: _Cache) -> bool:
+        """Whether every slot's indexed tokens are still the cache's first ones."""
+        if self._seen is None:
+            return True
+        starts, lens, probes = self._seen
+        for i in range(cache.n_seq):
+            if cache.starts[i] != starts[i] or cache.lens[i] < lens[i]:
+                return False
+            first = max(0, lens[i] - _PROBE)
+            if not torch.equal(cache.probe(i, first, lens[i]), probes[i]):
+                return False
+        return True
+
+    def _update_index(self, cache: _Cache) -> None:
+        if not self._index_still_holds(cache):
+            self._index.clear()
+        self._index.update(cache.core)
+        self._seen = (list(cache.starts), list(cache.lens),
+                      [cache.probe(i, max(0, n - _PROBE), n) for i, n in enumerate(cache.lens)])
 
     def __call__(self, q, k, v, *, seq_lens: IntList = None, seq_start: IntList = None,
                  layout: str = "bhtd", page_table: Optional[torch.Tensor] = None, step: int = 0,
                  seq_id: IntList = None, return_stats: bool = False,
                  return_indices: bool = False):
+        return self._run(q, k, v, seq_lens, seq_start, layout, page_table, step, seq_id,
+                         return_stats, return_indices, shared=False)
+
+    def _run(self, q, k, v, seq_lens, seq_start, layout, page_table, step, seq_id, return_stats,
+             return_indices, shared: bool):
         cache = _Cache(k, v, layout=layout, seq_lens=seq_lens, seq_start=seq_start,
                        page_table=page_table)
         qf, heads = _query(q, cache.n_seq, cache.head_dim)
@@ -201,16 +271,28 @@ class Decoder:
         ids = None
         if seq_id is not None:
             ids = torch.tensor(_ints("seq_id", seq_id, cache.n_seq, 0), dtype=torch.int64)
-        with self._lock:
-            self._prepare(cache, heads)
+        if shared:  # one call: a cached plan, a predictor index built for this call only
+            args = (self.config._core, cache.n_seq, heads, cache.n_head_kv, cache.head_dim,
+                    _bucket(max(cache.lens)), cache.dtype, self.n_threads)
+            plan, lock = _shared_plan(args)
+            index = None
+            if self.config.predictor != "oracle":
+                index = _core.PredictorIndex(*args)
+                index.update(cache.core)
+        else:
+            lock = self._lock
+        with lock:
+            if not shared:
+                self._prepare(cache, heads)
+                plan, index = self._plan, self._index
+                if index is not None:
+                    self._update_index(cache)
             indices = None
             if return_indices:
-                indices = torch.full((cache.n_seq, heads, self._plan.n_tokens_max), -1,
+                indices = torch.full((cache.n_seq, heads, plan.n_tokens_max), -1,
                                      dtype=torch.int32)
-            if self._index is not None:
-                self._index.update(cache.core)
-            self._plan.run(qf, cache.core, out, stats_int=stats_int, stats_real=stats_real,
-                           indices=indices, step=int(step), seq_id=ids, index=self._index)
+            plan.run(qf, cache.core, out, stats_int=stats_int, stats_real=stats_real,
+                     indices=indices, step=int(step), seq_id=ids, index=index)
         out = out.to(q.dtype).reshape(q.shape)
         if not (return_stats or return_indices):
             return out
@@ -224,7 +306,10 @@ class Decoder:
         return tuple(result)
 
 
-def attention(q, k, v, config: Union[Config, str, None] = None, **kwargs):
+def attention(q, k, v, config: Union[Config, str, None] = None, *, seq_lens: IntList = None,
+              seq_start: IntList = None, layout: str = "bhtd",
+              page_table: Optional[torch.Tensor] = None, step: int = 0, seq_id: IntList = None,
+              return_stats: bool = False, return_indices: bool = False, n_threads: int = 0):
     """Decode attention of one query per sequence over a KV cache, in one call.
 
     q: [batch, heads_q, head_dim] or [batch, heads_q, 1, head_dim] (any float dtype; the output
@@ -235,19 +320,21 @@ def attention(q, k, v, config: Union[Config, str, None] = None, **kwargs):
     [seq_start, seq_start + seq_lens) of each sequence (default: all). step and seq_id enter the
     sampling key. return_stats adds a dict of [batch, heads_q] tensors (n, n_f, n_s, m, b,
     n_sampled, bytes_kv, dense_fallback, density, est_rel_error); return_indices adds the tokens
-    read per head (-1 past the end). A predictor index is built for this call only: keep a
-    vattn.Decoder across steps to append to it instead.
+    read per head (-1 past the end). Plans are cached across calls; a predictor index is built
+    for this call only: keep a vattn.Decoder across steps to append to it instead.
     """
-    n_threads = kwargs.pop("n_threads", 0)
-    return Decoder(config, n_threads=n_threads)(q, k, v, **kwargs)
+    return Decoder(config, n_threads=n_threads)._run(
+        q, k, v, seq_lens, seq_start, layout, page_table, step, seq_id, return_stats,
+        return_indices, shared=True)
 
 
 @torch.library.custom_op("vattn::decode", mutates_args=())
 def _decode_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_lens: torch.Tensor,
-               config: str, step: int) -> torch.Tensor:
-    return attention(q, k, v, config, seq_lens=seq_lens, step=step)
+               config: str, step: int, seq_start: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """vattn.attention as a torch op (layout bhtd): traced by torch.compile as one node."""
+    return attention(q, k, v, config, seq_lens=seq_lens, seq_start=seq_start, step=step)
 
 
 @_decode_op.register_fake
-def _decode_op_fake(q, k, v, seq_lens, config, step):
+def _decode_op_fake(q, k, v, seq_lens, config, step, seq_start=None):
     return torch.empty_like(q)
