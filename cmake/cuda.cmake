@@ -31,7 +31,11 @@ add_library(vattn_cuda STATIC
   src/cuda/split_bf16.cu
   src/cuda/split_f16.cu
   src/cuda/split_f32.cu
+  src/cuda/vattn_run.cu
 )
+# run()'s selection and budget kernels reproduce the CPU's float and double rounding step by step:
+# no multiply-add contraction beyond the fused operations they spell out.
+set_source_files_properties(src/cuda/vattn_run.cu PROPERTIES COMPILE_OPTIONS "-fmad=false")
 add_library(vattn::cuda ALIAS vattn_cuda)
 vattn_cuda_options(vattn_cuda)
 target_include_directories(vattn_cuda PUBLIC include src)

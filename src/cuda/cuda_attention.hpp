@@ -65,24 +65,87 @@ struct sparse_args {
   float scale = 0;                    // 0 means 1 / sqrt(head_dim)
 };
 
+// The device mirror of a vattn::predictor_index (sign_bits): the CPU index's key signatures and
+// projection rows copied to device memory, so the GPU ranks tokens by exactly the signatures
+// the CPU ranks them by. Built from the CPU index (its params and config); upload() copies what
+// the CPU index holds now (call it after predictor_index::update, before the runs that use it).
+// Owns device memory; move-only.
+class device_index {
+ public:
+  explicit device_index(const predictor_index& ix);  // allocates; throws vattn::error / cuda_error
+  device_index(device_index&& o) noexcept;
+  device_index& operator=(device_index&& o) noexcept;
+  device_index(const device_index&) = delete;
+  device_index& operator=(const device_index&) = delete;
+  ~device_index();
+
+  // Copies every slot's signatures [0, tokens(slot)), the projections and the token counts
+  // (synchronous with respect to the host; not capturable).
+  void upload(const predictor_index& ix);
+
+  const config& cfg() const { return cfg_; }
+  const plan_params& shape() const { return p_; }
+  size_t device_bytes() const { return bytes_; }
+
+  // For the kernels.
+  const uint32_t* signatures() const { return sig_; }  // [slot, kv head, token, words]
+  const float* projections() const { return proj_; }   // [kv head, bits, head_dim]
+  const int64_t* counts() const { return count_; }     // [slot] tokens each slot holds
+
+ private:
+  void release();
+  config cfg_;
+  plan_params p_;
+  uint32_t* sig_ = nullptr;
+  float* proj_ = nullptr;
+  int64_t* count_ = nullptr;
+  size_t bytes_ = 0;
+};
+
+// One end-to-end decode step on the device (plan::run): selection, budgets, sampling and the
+// weighted sparse kernel, as vattn::plan::run computes it on the CPU, with the same index sets.
+struct run_args {
+  int32_t n_head_q = 0;
+  const float* q = nullptr;     // device [n_seq, n_head_q, head_dim], packed
+  kv_cache kv;                  // device pointers, as in dense_args
+  float* out = nullptr;         // device [n_seq, n_head_q, head_dim], packed; written in full
+  head_stats* stats = nullptr;  // optional device [n_seq, n_head_q] (vattn::head_stats)
+  // optional device [n_seq, n_head_q, params.n_tokens_max]: F ascending, then the sample in
+  // draw order (stats.n_f + stats.n_sampled entries; the rest is left untouched), as the CPU's
+  // run_args::indices
+  int32_t* indices = nullptr;
+  uint64_t step = 0;                // decode step, part of the sampling key
+  const int64_t* seq_id = nullptr;  // optional device [n_seq] sampling-key ids (default: index)
+  // Required for predictor=signs: the mirror of an index built with the same config and head
+  // shapes whose slot s holds exactly seq_len[s] tokens (checked on the device).
+  const device_index* index = nullptr;
+};
+
 // Plan once, run many. The constructor validates the shapes (vattn::error naming the field),
 // then reads the current device's multiprocessor count and the kernels' occupancy: a plan runs
-// on the device that was current when it was made. dense() and sparse() check their arguments
-// on the host, then enqueue on `stream` without allocating or synchronising (so they can be
-// captured in a CUDA graph). Values that live on the device (seq_len, pages, list lengths,
-// indices) are checked by the kernels: a bad one makes the run write NaN outputs and leaves a
-// record in the workspace that check_errors() turns into a vattn::error.
+// on the device that was current when it was made. dense(), sparse() and run() check their
+// arguments on the host, then enqueue on `stream` without allocating or synchronising (so they
+// can be captured in a CUDA graph). Values that live on the device (seq_len, pages, list
+// lengths, indices) are checked by the kernels: a bad one makes the run write NaN outputs and
+// leaves a record in the workspace that check_errors() turns into a vattn::error.
 class plan {
  public:
   explicit plan(const params& p);
+  // A plan that can also run(cfg): cfg.validate() must pass and the CUDA backend must support it:
+  // dense, or sinks + local + optional top-k (predictor oracle or signs) + optional fixed-rate or
+  // adaptive sampling (not top-p, not hub, not predictor=pages).
+  plan(const params& p, const config& cfg);
 
   // Device workspace every run needs: at least this many bytes, 16-byte aligned (cudaMalloc's
   // alignment is enough). Its contents need no initialisation and are not kept between runs.
   size_t workspace_bytes() const { return ws_bytes_; }
   const params& shape() const { return p_; }
+  const config& cfg() const { return cfg_; }
 
   void dense(const dense_args& a, void* workspace, size_t workspace_size, stream_t stream) const;
   void sparse(const sparse_args& a, void* workspace, size_t workspace_size, stream_t stream) const;
+  // The configured method end to end (plans made without a config run dense attention).
+  void run(const run_args& a, void* workspace, size_t workspace_size, stream_t stream) const;
 
   // The number of KV splits a run uses (a function of the shapes only; for benchmarks).
   int32_t dense_splits(int32_t n_seq) const;
@@ -90,11 +153,16 @@ class plan {
 
  private:
   int32_t splits(int32_t n_seq, int32_t blocks_per_seq, int64_t tokens, int32_t per_sm) const;
+  void enqueue_dense(const dense_args& a, void* ws, stream_t stream, bool clear) const;
+  void enqueue_sparse(const sparse_args& a, void* ws, stream_t stream, bool clear) const;
 
   params p_;
+  config cfg_;
   int32_t heads_per_block_ = 1;  // query heads of one kv group a dense block serves
   int32_t sm_count_ = 0;
   int32_t per_sm_[3] = {};  // resident blocks per SM: dense, sparse per head, sparse per group
+  int32_t cpu_level_ = 0;   // the CPU's SIMD level whose float summation order run() follows
+  size_t split_bytes_ = 0;  // the split states' part of the workspace
   size_t ws_bytes_ = 0;
 };
 

@@ -10,6 +10,7 @@
 
 #include "core/kv_access.hpp"
 #include "core/sampler.hpp"
+#include "cpu/simd.hpp"
 #include "cuda/cuda_attention.hpp"
 #include "cuda/kernel_args.hpp"
 
@@ -230,15 +231,17 @@ split_args make_args(const params& p, const kv_cache& kv, const float* q, float 
 
 // Enqueues one run: clear the status record, the split kernel, the merge.
 void enqueue(const params& p, const kernel_entry& k, split_args s, int32_t n_seq,
-             int32_t blocks_per_seq, int32_t n_split, void* ws, float* out, cudaStream_t stream) {
+             int32_t blocks_per_seq, int32_t n_split, void* ws, float* out, cudaStream_t stream,
+             bool clear) {
   const ws_layout w = layout_for(size_t(n_seq) * p.n_head_q * n_split, p.head_dim);
   char* base = static_cast<char*>(ws);
   s.n_split = n_split;
   s.status = reinterpret_cast<detail::device_status*>(base);
   s.part_ml = reinterpret_cast<float2*>(base + w.ml_offset);
   s.part_o = reinterpret_cast<float*>(base + w.o_offset);
-  check_cuda(cudaMemsetAsync(s.status, 0, sizeof(detail::device_status), stream),
-             "clearing the status record");
+  if (clear)
+    check_cuda(cudaMemsetAsync(s.status, 0, sizeof(detail::device_status), stream),
+               "clearing the status record");
   check_cuda(k.launch(s, dim3(n_split, blocks_per_seq, n_seq), stream), "split kernel launch");
   merge_kernel<<<unsigned(n_seq) * p.n_head_q, p.head_dim, 0, stream>>>(s.part_ml, s.part_o,
                                                                         n_split, s.status, out);
@@ -247,10 +250,20 @@ void enqueue(const params& p, const kernel_entry& k, split_args s, int32_t n_seq
 
 }  // namespace
 
+namespace detail {
+void check_run_host(const params& p, int32_t n_head_q, const float* q, const kv_cache& kv,
+                    const float* out, float scale, const void* ws, size_t ws_size,
+                    size_t ws_needed) {
+  check_run(p, n_head_q, q, kv, out, scale, ws, ws_size, ws_needed);
+}
+}  // namespace detail
+
 // ---------------------------------------------------------------------------------------------
 // plan
 
-plan::plan(const params& p) : p_(p) {
+plan::plan(const params& p) : plan(p, method_config("dense")) {}
+
+plan::plan(const params& p, const config& cfg) : p_(p), cfg_(cfg) {
   if (p.n_seq_max < 1 || p.n_seq_max > 65535)
     throw error("params.n_seq_max = " + str(p.n_seq_max) + ": expected 1..65535");
   if (p.n_head_kv < 1) throw error("params.n_head_kv = " + str(p.n_head_kv) + ": expected >= 1");
@@ -259,6 +272,8 @@ plan::plan(const params& p) : p_(p) {
                 ": expected a positive multiple of n_head_kv = " + str(p.n_head_kv));
   if (p.n_tokens_max < 1 || p.n_tokens_max > INT32_MAX)
     throw error("params.n_tokens_max = " + str(p.n_tokens_max) + ": expected 1..2^31-1");
+  cfg_.validate();
+  detail::check_run_config(cfg_);
   heads_per_block_ = heads_per_block(p.n_head_q / p.n_head_kv);
   if (p.n_head_q > 65535)
     throw error("params.n_head_q = " + str(p.n_head_q) + ": expected at most 65535");
@@ -281,7 +296,10 @@ plan::plan(const params& p) : p_(p) {
                                    sparse_splits(n_seq, true, p.n_tokens_max)});
     n_part = std::max(n_part, size_t(n_seq) * p.n_head_q * most);
   }
-  ws_bytes_ = layout_for(n_part, p.head_dim).bytes;
+  split_bytes_ = round_up(layout_for(n_part, p.head_dim).bytes, 256);
+  ws_bytes_ = split_bytes_ + detail::run_workspace_bytes(cfg_, p.n_seq_max, p.n_head_q, p.n_head_kv,
+                                                         p.n_tokens_max);
+  cpu_level_ = int32_t(vattn::detail::active_simd_level());
 }
 
 // Splits fill one wave of resident blocks (a partial second wave would leave most of the
@@ -307,10 +325,15 @@ void plan::dense(const dense_args& a, void* workspace, size_t workspace_size,
                  stream_t stream) const {
   const kv_cache kv = vattn::detail::with_default_strides(a.kv);
   check_run(p_, a.n_head_q, a.q, kv, a.out, a.scale, workspace, workspace_size, ws_bytes_);
+  enqueue_dense(a, workspace, stream, true);
+}
+
+void plan::enqueue_dense(const dense_args& a, void* workspace, stream_t stream, bool clear) const {
+  const kv_cache kv = vattn::detail::with_default_strides(a.kv);
   const split_args s = make_args(p_, kv, a.q, a.scale);
   const kernel_entry k = find_kernel(p_.kv_type, p_.head_dim, heads_per_block_, false);
   enqueue(p_, k, s, kv.n_seq, p_.n_head_q / heads_per_block_, dense_splits(kv.n_seq), workspace,
-          a.out, stream);
+          a.out, stream, clear);
 }
 
 void plan::sparse(const sparse_args& a, void* workspace, size_t workspace_size,
@@ -323,6 +346,12 @@ void plan::sparse(const sparse_args& a, void* workspace, size_t workspace_size,
   if (a.list_stride < 1 || a.list_stride > p_.n_tokens_max)
     throw error("list_stride = " + str(a.list_stride) +
                 ": expected 1..n_tokens_max = " + str(p_.n_tokens_max));
+  enqueue_sparse(a, workspace, stream, true);
+}
+
+void plan::enqueue_sparse(const sparse_args& a, void* workspace, stream_t stream,
+                          bool clear) const {
+  const kv_cache kv = vattn::detail::with_default_strides(a.kv);
   split_args s = make_args(p_, kv, a.q, a.scale);
   s.indices = a.indices;
   s.weights = a.weights;
@@ -333,7 +362,7 @@ void plan::sparse(const sparse_args& a, void* workspace, size_t workspace_size,
   const int32_t g = a.per_group ? heads_per_block_ : 1;
   const kernel_entry k = find_kernel(p_.kv_type, p_.head_dim, g, true);
   enqueue(p_, k, s, kv.n_seq, p_.n_head_q / g, sparse_splits(kv.n_seq, a.per_group, a.list_stride),
-          workspace, a.out, stream);
+          workspace, a.out, stream, clear);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -366,6 +395,13 @@ void check_errors(const void* workspace, stream_t stream) {
     case detail::k_bad_index:
       throw error("indices[" + str(st.aux) + "] = " + str(st.value) + seq +
                   ": expected a token position in [0, seq_len = " + str(st.limit) + ")");
+    case detail::k_bad_key:
+      throw error("k contains NaN/Inf (or q.k overflows) at seq " + str(st.seq) + ", token " +
+                  str(st.value) + ", kv head " + str(st.aux));
+    case detail::k_bad_index_len:
+      throw error("index: slot " + str(st.seq) + " holds " + str(st.value) +
+                  " tokens, kv.seq_len is " + str(st.aux) +
+                  " (call predictor_index::update, then device_index::upload)");
     default:
       throw cuda_error("vattn::cuda: unknown status code " + str(st.code) +
                        " in the workspace (not a workspace of a run?)");

@@ -23,6 +23,8 @@ enum status_code : int32_t {
   k_bad_page = 4,        // value = page id, aux = its index in page_table
   k_bad_list_len = 5,    // value = list_len, aux = its index in list_len
   k_bad_index = 6,       // value = position, aux = its index in indices
+  k_bad_key = 7,         // value = token, aux = kv head: a non-finite logit (NaN/Inf in K or q)
+  k_bad_index_len = 8,   // value = tokens the predictor index slot holds, aux = seq_len
 };
 struct device_status {
   int32_t code;
@@ -72,5 +74,11 @@ cudaError_t launch_split(const split_args& a, dim3 grid, cudaStream_t stream);
 // Resident blocks per multiprocessor of that instance (0 on a runtime error).
 template <dtype T, int D, int G, bool Sparse>
 int split_blocks_per_sm();
+
+// run() (vattn_run.cu): whether the backend runs `cfg` (throws vattn::error naming what it does
+// not support) and the workspace it needs beyond the split states.
+void check_run_config(const config& cfg);
+size_t run_workspace_bytes(const config& cfg, int32_t n_seq_max, int32_t n_head_q,
+                           int32_t n_head_kv, int64_t n_tokens_max);
 
 }  // namespace vattn::cuda::detail

@@ -3,6 +3,11 @@
 // measured in the same run. Median of repeated runs timed with CUDA events; inputs rotate over
 // copies so each run reads device memory, not L2.
 //
+// End-to-end rows (plan::run): vAttention with the paper's config (sink 128, local 128, oracle
+// top-k 5%, base 5%, eps = delta = 0.05, denominator mode), per head and gqa_shared, and oracle
+// top-k alone: time, speed-up over dense, mean density and the relative output error against the
+// dense output of the same inputs (mean and max over heads).
+//
 // Usage: bench_cuda [contexts] [batches], e.g. bench_cuda 8192,32768,131072 1,16
 #include <cuda_runtime.h>
 
@@ -195,11 +200,72 @@ int main(int argc, char** argv) {
         pl.sparse(sa, ws, pl.workspace_bytes(), nullptr);
       });
       vattn::cuda::check_errors(ws, nullptr);
+      // end to end, after the dense reference output of copy 0
+      std::vector<float> ref(hq.size()), got(hq.size());
+      da.kv.k = at(k, 0), da.kv.v = at(v, 0);
+      pl.dense(da, ws, pl.workspace_bytes(), nullptr);
+      ck(cudaMemcpy(ref.data(), out, ref.size() * 4, cudaMemcpyDeviceToHost), "download");
+      struct e2e_row {
+        const char* name;
+        double us, density, err_mean, err_max;
+      };
+      std::vector<e2e_row> e2e;
+      for (int variant = 0; variant < 3; ++variant) {
+        vattn::config cfg = vattn::method_config(variant == 2 ? "topk" : "vattention");
+        cfg.gqa_shared = variant == 1;
+        const vattn::cuda::plan pv(p, cfg);
+        void* wsv = nullptr;
+        ck(cudaMalloc(&wsv, pv.workspace_bytes()), "malloc ws");
+        vattn::head_stats* st = nullptr;
+        const size_t nh = size_t(batch) * n_head_q;
+        ck(cudaMalloc(&st, nh * sizeof(vattn::head_stats)), "malloc stats");
+        vattn::cuda::run_args ra;
+        ra.n_head_q = n_head_q;
+        ra.q = q;
+        ra.kv = da.kv;
+        ra.out = out;
+        const double us = median_us(3, 15, [&](int r) {
+          ra.kv.k = at(k, r % copies), ra.kv.v = at(v, r % copies);
+          pv.run(ra, wsv, pv.workspace_bytes(), nullptr);
+        });
+        ra.kv.k = at(k, 0), ra.kv.v = at(v, 0);
+        ra.stats = st;
+        pv.run(ra, wsv, pv.workspace_bytes(), nullptr);
+        vattn::cuda::check_errors(wsv, nullptr);
+        std::vector<vattn::head_stats> hs(nh);
+        ck(cudaMemcpy(hs.data(), st, nh * sizeof(vattn::head_stats), cudaMemcpyDeviceToHost),
+           "download");
+        ck(cudaMemcpy(got.data(), out, got.size() * 4, cudaMemcpyDeviceToHost), "download");
+        e2e_row row{variant == 0   ? "vattention"
+                    : variant == 1 ? "vattention gqa_shared"
+                                   : "topk (oracle 5%)",
+                    us, 0, 0, 0};
+        for (size_t h = 0; h < nh; ++h) {
+          double num = 0, den = 0;
+          for (int32_t j = 0; j < d; ++j) {
+            const double e = double(got[h * d + j]) - ref[h * d + j];
+            num += e * e;
+            den += double(ref[h * d + j]) * ref[h * d + j];
+          }
+          const double err = std::sqrt(num / den);
+          row.err_mean += err / double(nh);
+          row.err_max = std::max(row.err_max, err);
+          row.density += hs[h].density / double(nh);
+        }
+        e2e.push_back(row);
+        cudaFree(st);
+        cudaFree(wsv);
+      }
       const double dense_gbs = 2.0 * kv_bytes / (dense_us * 1e-6) / 1e9;
       const double sparse_gbs = 2.0 * batch * n_head_kv * len * d * 2 / (sparse_us * 1e-6) / 1e9;
       std::printf("%8lld %5lld %6d | %9.1f %8.0f %6.1f%% | %9.1f %8.0f %7.1fx\n", (long long)n,
                   (long long)batch, pl.dense_splits(int32_t(batch)), dense_us, dense_gbs,
                   100.0 * dense_gbs / copy_gbs, sparse_us, sparse_gbs, dense_us / sparse_us);
+      for (const e2e_row& r : e2e)
+        std::printf(
+            "%8s %5s %6s |   e2e %-22s %9.1f us %6.2fx  density %.3f  rel err mean "
+            "%.4f max %.4f\n",
+            "", "", "", r.name, r.us, dense_us / r.us, r.density, r.err_mean, r.err_max);
       for (void* ptr : {static_cast<void*>(k), static_cast<void*>(v), static_cast<void*>(q),
                         static_cast<void*>(out), static_cast<void*>(seq_len),
                         static_cast<void*>(idx), static_cast<void*>(w), static_cast<void*>(ll), ws})

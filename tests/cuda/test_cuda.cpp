@@ -10,6 +10,7 @@
 #include <cmath>
 #include <cstdio>
 #include <cstring>
+#include <memory>
 #include <numeric>
 #include <set>
 #include <stdexcept>
@@ -17,10 +18,14 @@
 #include <utility>
 #include <vector>
 
+#include "core/budget.hpp"
 #include "core/dtype.hpp"
 #include "core/kv_access.hpp"
 #include "core/sampler.hpp"
+#include "cpu/gqa_kernels.hpp"
+#include "cpu/simd.hpp"
 #include "cuda/cuda_attention.hpp"
+#include "cuda/select_math.hpp"
 #include "test_util.hpp"
 #include "vattn/reference.hpp"
 #include "vattn/vattn.hpp"
@@ -795,6 +800,366 @@ TEST(cuda_errors, bad_device_values) {
     expect_device_error([&] { d_len.upload(bad_len); }, sparse, [&] { d_len.upload(len); },
                         "list_len[6] = 0");
   }
+}
+
+}  // namespace
+
+// --------------------------------------------------------------------------------------------
+// End to end: plan::run against vattn::plan::run (same config, seed, step, layer)
+
+namespace {
+
+// The host copies of the device's rules equal the core functions and the CPU kernels they
+// mirror, bit for bit (no GPU needed): stage sizes, sample sizes, budgets, exp, dot products.
+TEST(cuda_run, select_math_matches_cpu) {
+  namespace cd = cuda::detail;
+  const detail::simd_level level = detail::active_simd_level();
+  const cd::dot_order order = cd::dot_order_for_level(int32_t(level));
+  // exp: the CPU's exp over a range of arguments
+  std::vector<float> x;
+  for (float v = -90.f; v <= 1.f; v += 0.0137f) x.push_back(v);
+  for (float v : {-87.f, -86.99f, 0.f, -0.f, 1e-8f, -1e-8f}) x.push_back(v);
+  std::vector<float> e = x;
+  detail::exp_inplace(level, e.data(), int64_t(e.size()));
+  int64_t exp_bad = 0;
+  for (size_t i = 0; i < x.size(); ++i) exp_bad += cd::cpu_exp(x[i]) != e[i];
+  if (level != detail::simd_level::scalar) {  // scalar uses std::exp
+    EXPECT_EQ(exp_bad, 0);
+  }
+  // dot products in the CPU's order (row_ops dot_f32 of the active level)
+  uint64_t st = 99;
+  auto rnd = [&st] {
+    st = detail::mix64(st);
+    return float(int64_t(st >> 40) - (1 << 23)) / float(1 << 21);
+  };
+  int64_t dot_bad = 0;
+  for (int32_t d : {64, 128})
+    for (int rep = 0; rep < 200; ++rep) {
+      std::vector<float> q(d), k(d);
+      for (int32_t j = 0; j < d; ++j) q[j] = rnd(), k[j] = rnd();
+      dot_bad += cd::cpu_order_dot(order, q.data(), k.data(), d) !=
+                 detail::active_row_ops().dot_f32(q.data(), k.data(), d);
+    }
+  EXPECT_EQ(dot_bad, 0) << "level " << detail::simd_level_str(level);
+  // stage sizes, sample sizes and budgets
+  for (const char* method : {"vattention", "topk", "random", "sink_local"}) {
+    config cfg = method_config(method);
+    cfg.sink = {16, false};
+    cfg.local = {0.01, true};
+    cfg.sample_rate = 0.07;
+    cd::sel_cfg c{};
+    c.sink = cfg.sink.value, c.sink_frac = cfg.sink.fraction;
+    c.local = cfg.local.value, c.local_frac = cfg.local.fraction;
+    c.topk = cfg.topk.value, c.topk_frac = cfg.topk.fraction;
+    c.base = cfg.base.value, c.base_frac = cfg.base.fraction;
+    c.sample_rate = cfg.sample_rate, c.eps = cfg.eps, c.delta = cfg.delta;
+    c.select = int32_t(cfg.select), c.sample = int32_t(cfg.sample);
+    c.z_mode = -detail::normal_quantile(cfg.delta / 2);
+    c.z_comb = -detail::normal_quantile(cfg.delta / 4);
+    for (int64_t n = 1; n < 300000; n = n * 5 / 4 + 1) {
+      const detail::stage_sizes a = detail::resolve_stages(cfg, n);
+      const cd::stages b = cd::resolve_stages(c, n);
+      ASSERT_EQ(a.n_sink, b.n_sink) << method << " n " << n;
+      ASSERT_EQ(a.n_local, b.n_local) << method << " n " << n;
+      ASSERT_EQ(a.k, b.k) << method << " n " << n;
+      ASSERT_EQ(int32_t(a.dense), b.dense) << method << " n " << n;
+      ASSERT_EQ(detail::base_sample_size(cfg, n), cd::base_sample_size(c, n));
+      ASSERT_EQ(detail::fixed_rate_sample_size(cfg, n), cd::fixed_rate_sample_size(c, n));
+    }
+  }
+  int64_t budgets = 0;
+  for (int32_t mode = 0; mode < 4; ++mode)
+    for (int rep = 0; rep < 500; ++rep) {
+      detail::base_moments mm;
+      mm.n_s = 100 + int64_t(detail::mix64(rep) % 100000);
+      mm.m = std::min<int64_t>(mm.n_s, 2 + rep % 500);
+      mm.d_hat = 1 + std::abs(rnd()) * 100;
+      mm.var_e = std::abs(rnd()) * 1e-3 * (rep % 7);
+      mm.var_ev = std::abs(rnd()) * 1e-2;
+      mm.n_norm2 = std::abs(rnd()) * 10;
+      mm.var_eo = std::abs(rnd()) * 1e-3;
+      mm.o_norm2 = std::abs(rnd());
+      cd::moments dm{mm.n_s,    mm.m,       mm.d_hat,  mm.var_e,
+                     mm.var_ev, mm.n_norm2, mm.var_eo, mm.o_norm2};
+      cd::sel_cfg c{};
+      c.mode = mode, c.eps = 0.05, c.delta = 0.05;
+      c.z_mode = -detail::normal_quantile(c.delta / 2);
+      c.z_comb = -detail::normal_quantile(c.delta / 4);
+      const detail::budget want = detail::compute_budget(budget_mode(mode), c.eps, c.delta, mm);
+      ASSERT_EQ(want.b, cd::budget_b(c, dm)) << "mode " << mode << " rep " << rep;
+      const double est = cd::est_rel_error(mode, c, c.z_mode, dm, want.b);
+      ASSERT_TRUE(est == want.est_rel_error ||
+                  std::abs(est - want.est_rel_error) <= 1e-15 * std::abs(want.est_rel_error));
+      ++budgets;
+    }
+  std::printf("[cuda run] select_math at level %s: %zu exp, 400 dots, %lld budgets equal\n",
+              detail::simd_level_str(level), x.size(), (long long)budgets);
+}
+
+// One GPU run of plan::run over a test batch: output, stats and indices (device -> host).
+struct gpu_run_result {
+  std::vector<float> out;
+  std::vector<head_stats> stats;
+  std::vector<int32_t> indices;
+};
+
+gpu_run_result run_gpu_e2e(const config& cfg, const batch& b, gpu_batch& g, uint64_t step,
+                           const cuda::device_index* index = nullptr, bool graph = false) {
+  const cuda::plan p(cuda_params_for(b), cfg);
+  dev<uint8_t> ws(p.workspace_bytes());
+  const size_t nh = b.seq_len.size() * size_t(b.n_head_q);
+  dev<head_stats> stats(nh);
+  dev<int32_t> idx(std::vector<int32_t>(nh * size_t(b.n_max()), -7));
+  cuda::run_args a;
+  a.n_head_q = b.n_head_q;
+  a.q = g.q.get();
+  a.kv = g.kv;
+  a.out = g.out.get();
+  a.stats = stats.get();
+  a.indices = idx.get();
+  a.step = step;
+  a.index = index;
+  g.poison();
+  if (graph) {
+    cudaStream_t s;
+    ck(cudaStreamCreate(&s), "stream");
+    cudaGraph_t gr;
+    cudaGraphExec_t ex;
+    ck(cudaStreamBeginCapture(s, cudaStreamCaptureModeGlobal), "begin capture");
+    p.run(a, ws.get(), ws.size(), s);
+    ck(cudaStreamEndCapture(s, &gr), "end capture");
+    ck(cudaGraphInstantiate(&ex, gr, 0), "instantiate");
+    for (int i = 0; i < 3; ++i) ck(cudaGraphLaunch(ex, s), "launch");
+    cuda::check_errors(ws.get(), s);
+    cudaGraphExecDestroy(ex);
+    cudaGraphDestroy(gr);
+    cudaStreamDestroy(s);
+  } else {
+    p.run(a, ws.get(), ws.size(), nullptr);
+    cuda::check_errors(ws.get(), nullptr);
+  }
+  return {g.result(), stats.download(), idx.download()};
+}
+
+// Compares the GPU's stats and index lists with the CPU run in b; returns heads compared.
+int64_t expect_same_selection(const batch& b, const gpu_run_result& r, double est_tol,
+                              int64_t* tokens, int64_t* sampled) {
+  const int64_t stride = b.n_max();
+  int64_t heads = 0;
+  for (size_t hi = 0; hi < b.stats.size(); ++hi) {
+    const head_stats &c = b.stats[hi], &g = r.stats[hi];
+    SCOPED_TRACE("head " + std::to_string(hi));
+    EXPECT_EQ(g.n, c.n);
+    EXPECT_EQ(g.n_f, c.n_f);
+    EXPECT_EQ(g.n_s, c.n_s);
+    EXPECT_EQ(g.m, c.m);
+    EXPECT_EQ(g.b, c.b);
+    EXPECT_EQ(g.n_sampled, c.n_sampled);
+    EXPECT_EQ(g.dense_fallback, c.dense_fallback);
+    EXPECT_EQ(g.bytes_kv, c.bytes_kv);
+    EXPECT_DOUBLE_EQ(g.density, c.density);
+    // est_rel_error: the numerator and output terms use sum_F e v, which the CPU adds in f32
+    // chunks and the GPU in double (docs/design/cuda.md): equal to ~1e-8 relative there.
+    if (c.est_rel_error <= 0 || std::isinf(c.est_rel_error))
+      EXPECT_EQ(g.est_rel_error, c.est_rel_error);
+    else
+      EXPECT_NEAR(g.est_rel_error, c.est_rel_error, est_tol * c.est_rel_error);
+    const int64_t len = c.n_f + c.n_sampled;
+    const int32_t* ci = b.indices.data() + hi * stride;
+    const int32_t* gi = r.indices.data() + hi * stride;
+    int64_t diff = 0;
+    for (int64_t j = 0; j < len; ++j) diff += ci[j] != gi[j];
+    EXPECT_EQ(diff, 0) << "of " << len << " listed tokens (F " << c.n_f << ")";
+    if (len < stride) {
+      EXPECT_EQ(gi[len], -7) << "written past the list";
+    }
+    *tokens += len;
+    *sampled += c.n_sampled;
+    ++heads;
+  }
+  return heads;
+}
+
+config e2e_config(const std::string& method, bool shared, predictor pred, budget_mode mode) {
+  config c = method_config(method);
+  c.sink = {16, false};
+  c.local = {32, false};
+  if (c.select == selector::topk) {
+    c.topk = {0.05, true};
+    c.pred = pred;
+  }
+  if (c.sample == sampling::fixed_rate) c.sample_rate = 0.1;
+  if (c.sample == sampling::adaptive) c.base = {0.1, true}, c.mode = mode;
+  c.gqa_shared = shared;
+  c.seed = 77;
+  c.layer = 5;
+  c.validate();
+  return c;
+}
+
+// The GPU selects, samples and budgets exactly as the CPU: identical F (including ties broken
+// by position), identical sampled tokens in draw order, identical m and b, for top-k, vAttention
+// (oracle and sign-bit predictor, every budget mode, gqa_shared on and off) and fixed-rate
+// sampling, over short (dense fallback), mid and long (40K) sequences and mixed batches; the
+// output matches the CPU's.
+TEST(cuda_run, same_index_sets_as_cpu) {
+  REQUIRE_GPU();
+  struct method_case {
+    const char* method;
+    bool shared;
+    predictor pred;
+    budget_mode mode;
+  };
+  const method_case methods[] = {
+      {"topk", false, predictor::oracle, budget_mode::denominator},
+      {"vattention", false, predictor::oracle, budget_mode::denominator},
+      {"vattention", true, predictor::oracle, budget_mode::denominator},
+      {"vattention", false, predictor::oracle, budget_mode::output},
+      {"vattention", true, predictor::oracle, budget_mode::combined},
+      {"vattention", false, predictor::sign_bits, budget_mode::denominator},
+      {"vattention", true, predictor::sign_bits, budget_mode::numerator},
+      {"random", false, predictor::oracle, budget_mode::denominator},
+  };
+  struct data_case {
+    std::vector<int32_t> lens;
+    dtype type;
+    kv_layout layout;
+    int32_t hq, hkv, d;
+    synth::family fam;
+  };
+  const data_case datas[] = {
+      {{7}, dtype::bf16, kv_layout::contiguous, 8, 2, 128, synth::family::correlated_values},
+      {{3000}, dtype::bf16, kv_layout::contiguous, 8, 2, 128, synth::family::correlated_values},
+      {{5000, 300, 7, 1200},
+       dtype::f16,
+       kv_layout::paged,
+       4,
+       4,
+       64,
+       synth::family::correlated_values},
+      {{2000, 2500}, dtype::f32, kv_layout::contiguous, 8, 1, 64, synth::family::uniform},
+      {{40000}, dtype::bf16, kv_layout::contiguous, 8, 2, 128, synth::family::correlated_values},
+  };
+  double worst = 0;
+  int64_t heads = 0, tokens = 0, sampled = 0;
+  int cases = 0;
+  for (const data_case& dc : datas) {
+    batch b0 = make_batch(dc.fam, dc.lens, dc.hq, dc.hkv, dc.d, dc.type, dc.layout, 5, 16);
+    gpu_batch g(b0);
+    for (const method_case& mc : methods) {
+      const config cfg = e2e_config(mc.method, mc.shared, mc.pred, mc.mode);
+      SCOPED_TRACE(cfg.to_string() + " lens[0] " + std::to_string(dc.lens[0]) + " " +
+                   dtype_name(dc.type));
+      batch b = b0;
+      const uint64_t step = 9;
+      run_args ca = b.args(step);
+      std::unique_ptr<predictor_index> ix;
+      std::unique_ptr<cuda::device_index> dix;
+      if (cfg.select == selector::topk && cfg.pred != predictor::oracle) {
+        ix = std::make_unique<predictor_index>(cfg, cpu_params_for(b));
+        ix->update(ca.kv);
+        ca.index = ix.get();
+        dix = std::make_unique<cuda::device_index>(*ix);
+      }
+      vattn::plan cp(cfg, cpu_params_for(b));
+      aligned_buffer cws(cp.workspace_bytes());
+      cp.run(ca, cws.data(), cws.size());
+      const std::vector<float> cpu(b.out.begin(), b.out.end() - 16);
+      const gpu_run_result r = run_gpu_e2e(cfg, b, g, step, dix.get());
+      ASSERT_TRUE(all_finite(r.out));
+      const double est_tol = cfg.mode == budget_mode::denominator ? 1e-9 : 1e-6;
+      heads += expect_same_selection(b, r, est_tol, &tokens, &sampled);
+      const double e = test::nmse(r.out.data(), cpu.data(), cpu.size());
+      EXPECT_LT(e, k_nmse_bound);
+      worst = std::max(worst, e);
+      ++cases;
+    }
+  }
+  std::printf(
+      "[cuda run] %d cases, %lld heads: identical F, samples and b (%lld listed tokens, "
+      "%lld sampled); worst output NMSE vs CPU %.2e\n",
+      cases, (long long)heads, (long long)tokens, (long long)sampled, worst);
+}
+
+// A captured run replays to exactly the direct run's output, stats and indices.
+TEST(cuda_run, graph_capture_replays_the_same_result) {
+  REQUIRE_GPU();
+  for (bool shared : {false, true}) {
+    const config cfg =
+        e2e_config("vattention", shared, predictor::oracle, budget_mode::denominator);
+    batch b = make_batch(synth::family::correlated_values, {6000, 900}, 8, 2, 128, dtype::bf16,
+                         kv_layout::paged, 8, 16);
+    gpu_batch g(b);
+    const gpu_run_result direct = run_gpu_e2e(cfg, b, g, 4);
+    const gpu_run_result replay = run_gpu_e2e(cfg, b, g, 4, nullptr, true);
+    ASSERT_EQ(direct.out.size(), replay.out.size());
+    EXPECT_EQ(std::memcmp(direct.out.data(), replay.out.data(), direct.out.size() * 4), 0);
+    EXPECT_EQ(direct.indices, replay.indices);
+    for (size_t i = 0; i < direct.stats.size(); ++i) {
+      EXPECT_EQ(direct.stats[i].b, replay.stats[i].b);
+      EXPECT_EQ(direct.stats[i].n_f, replay.stats[i].n_f);
+    }
+  }
+}
+
+// Bad configurations and arguments raise vattn::error (host), bad device values are reported by
+// check_errors.
+TEST(cuda_run, bad_inputs) {
+  cuda::params p;
+  p.n_head_q = 8, p.n_head_kv = 2, p.head_dim = 128, p.n_tokens_max = 1000;
+  expect_error([&] { cuda::plan x(p, method_config("topp")); }, "topp");
+  expect_error([&] { cuda::plan x(p, method_config("hub")); }, "hub");
+  expect_error([&] { cuda::plan x(p, parse_config("method=vattention,predictor=pages")); },
+               "pages");
+  expect_error([&] { cuda::plan x(p, parse_config("method=vattention,eps=2")); }, "eps");
+  REQUIRE_GPU();
+  const config signs = e2e_config("vattention", false, predictor::sign_bits, budget_mode::output);
+  batch b = make_batch(synth::family::correlated_values, {900, 500}, 8, 2, 128, dtype::bf16,
+                       kv_layout::contiguous, 2);
+  gpu_batch g(b);
+  const cuda::plan pl(cuda_params_for(b), signs);
+  dev<uint8_t> ws(pl.workspace_bytes());
+  cuda::run_args a;
+  a.n_head_q = b.n_head_q;
+  a.q = g.q.get();
+  a.kv = g.kv;
+  a.out = g.out.get();
+  expect_error([&] { pl.run(a, ws.get(), ws.size(), nullptr); }, "index is null");
+  expect_error([&] { pl.run(a, ws.get(), 16, nullptr); }, "workspace_size");
+  // an index one token short of the cache
+  batch shorter = b;
+  shorter.seq_len[1] -= 1;
+  predictor_index ix(signs, cpu_params_for(b));
+  ix.update(shorter.args().kv);
+  cuda::device_index dix(ix);
+  a.index = &dix;
+  pl.run(a, ws.get(), ws.size(), nullptr);
+  expect_error([&] { cuda::check_errors(ws.get(), nullptr); }, "slot 1 holds 499 tokens");
+  ix.update(b.args().kv);
+  dix.upload(ix);
+  pl.run(a, ws.get(), ws.size(), nullptr);
+  cuda::check_errors(ws.get(), nullptr);  // clean run clears the record
+  // a bad seq_len on the device
+  const config oracle =
+      e2e_config("vattention", false, predictor::oracle, budget_mode::denominator);
+  const cuda::plan po(cuda_params_for(b), oracle);
+  dev<uint8_t> ws2(po.workspace_bytes());
+  dev<int32_t> bad_len(std::vector<int32_t>{900, 5000});
+  cuda::run_args a2 = a;
+  a2.index = nullptr;
+  a2.kv.seq_len = bad_len.get();
+  po.run(a2, ws2.get(), ws2.size(), nullptr);
+  expect_error([&] { cuda::check_errors(ws2.get(), nullptr); }, "kv.seq_len[1] = 5000");
+  // NaN in K
+  batch nan_b = b;
+  const size_t at = (size_t(700) * b.n_head_kv + 1) * b.d + 3;  // seq 0, token 700, kv head 1
+  test::store(nan_b.k, at, std::nanf(""), b.type);
+  gpu_batch gn(nan_b);
+  a2.kv = gn.kv;
+  a2.q = gn.q.get();
+  a2.out = gn.out.get();
+  po.run(a2, ws2.get(), ws2.size(), nullptr);
+  expect_error([&] { cuda::check_errors(ws2.get(), nullptr); }, "token 700, kv head 1");
 }
 
 }  // namespace
