@@ -107,6 +107,32 @@ TEST(Cli, CheckJsonAndTable) {
   std::filesystem::remove(in);
 }
 
+// Real caches: q/K/V of the first decode step of our trained model (models/kjv-ruler-18m) on a
+// needle and a variable-tracking prompt of 1024 bytes (`vattn eval --dump`). The guarantee is
+// checked on them: coverage of ||O^ - O|| <= eps ||O|| at least 1 - delta, within a binomial
+// margin, and the CPU path equals the reference on the same sampled indices.
+TEST(Cli, CheckRealCachesFromOurModel) {
+  int files = 0;
+  for (const auto& e : std::filesystem::directory_iterator(VATTN_TEST_DATA)) {
+    if (e.path().extension() != ".safetensors") continue;
+    ++files;
+    result r = run("check --input " + e.path().string() +
+                   " --method vattention --sink 16 --local 16 --topk 0.05 --base-rate 0.05 "
+                   "--eps 0.1 --delta 0.1 --mode output --trials 10 --json");
+    ASSERT_EQ(r.code, 0) << r.out;
+    auto j = nlohmann::json::parse(r.out);
+    const double cases = j["all"]["cases"].get<double>(), delta = 0.1;
+    EXPECT_EQ(cases, 10 * 8) << e.path();  // 10 trials x 8 query heads
+    EXPECT_GE(j["all"]["coverage_output"].get<double>(),
+              1 - delta - 3 * std::sqrt(delta * (1 - delta) / cases))
+        << e.path();
+    EXPECT_LT(j["all"]["density_mean"].get<double>(), 0.9) << e.path();  // it did sample
+    EXPECT_LT(j["cpu_vs_reference_max_nmse"].get<double>(), 1e-9);
+    EXPECT_EQ(j["cpu_vs_reference_index_mismatches"].get<int>(), 0);
+  }
+  EXPECT_GE(files, 2);
+}
+
 TEST(Cli, SynthThenCheck) {
   const std::string path = temp_path("synth.safetensors");
   result r = run("synth --out " + path + " --family needle --tokens 900 --n-q 2 --dtype f16");

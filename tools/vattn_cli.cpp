@@ -1,8 +1,14 @@
 // vattn_cli.cpp: the `vattn` command line: demo, check, synth, bench, info.
+#include <unistd.h>
+
 #include <CLI/CLI.hpp>
+#include <cerrno>
 #include <cstdio>
+#include <cstring>
 #include <iostream>
 #include <nlohmann/json.hpp>
+#include <string>
+#include <vector>
 
 #include "commands.hpp"
 #include "cpu/simd.hpp"
@@ -60,6 +66,21 @@ void info(bool json) {
   std::printf("kv dtypes:        f32 f16 bf16; layouts: contiguous, paged\n");
 }
 
+// `vattn eval` is the Python package's (it drives HF models): hand the arguments to it.
+int run_python_eval(const std::vector<std::string>& args) {
+  std::vector<std::string> words = {"python3", "-m", "vattn", "eval"};
+  words.insert(words.end(), args.begin(), args.end());
+  std::vector<char*> argv;
+  for (std::string& w : words) argv.push_back(w.data());
+  argv.push_back(nullptr);
+  execvp(argv[0], argv.data());
+  std::fprintf(stderr,
+               "vattn: error: eval runs the Python package (python3 -m vattn eval); could not "
+               "start python3: %s\n",
+               std::strerror(errno));
+  return 2;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -71,11 +92,17 @@ int main(int argc, char** argv) {
   vattn::cli::add_check(app, json);
   vattn::cli::add_synth(app, json);
   vattn::cli::add_bench(app, json);
+  CLI::App* ev = app.add_subcommand(
+      "eval", "Accuracy on long-context tasks under each method (python3 -m vattn eval)");
+  ev->prefix_command();  // every argument after `eval` goes to the Python command
+  ev->set_help_flag();   // --help included
+  int eval_status = 0;
+  ev->callback([&] { eval_status = run_python_eval(ev->remaining()); });
   CLI::App* inf = app.add_subcommand("info", "Version, build options and detected CPU features");
   inf->callback([&json] { info(json); });
   // --json is accepted after the subcommand too.
   for (CLI::App* sub : app.get_subcommands({}))
-    sub->add_flag("--json", json, "machine-readable output");
+    if (sub != ev) sub->add_flag("--json", json, "machine-readable output");
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
@@ -87,5 +114,5 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "vattn: internal error: %s\n", e.what());
     return 3;
   }
-  return 0;
+  return eval_status;
 }

@@ -33,9 +33,9 @@ except ModuleNotFoundError as e:
     attention = Decoder = _needs_torch
 
 
-def __getattr__(name):  # vattn.hf imports transformers on first use
-    if name == "hf":
-        from . import hf
+def __getattr__(name):  # vattn.hf (transformers) and vattn.eval are imported on first use
+    if name in ("hf", "eval", "tasks"):
+        import importlib
 
-        return hf
+        return importlib.import_module(f"{__name__}.{name}")
     raise AttributeError(f"module 'vattn' has no attribute {name!r}")

@@ -56,9 +56,11 @@ class Collector:
     when collecting errors).
     """
 
-    def __init__(self, errors: bool):
+    def __init__(self, errors: bool, capture=None):
         self.errors = errors
         self.records = []
+        self.capture = set(capture or ())  # layers whose first decode step's q/K/V to keep
+        self.captured = {}  # layer -> (q [heads_q, d], k, v [tokens, heads_kv, d]), sequence 0
 
     def add(self, record: dict) -> None:
         self.records.append(record)
@@ -210,6 +212,12 @@ def attention_forward(module, query, key, value, attention_mask, dropout: float 
                   return_stats=collector is not None)
     if collector is not None:
         out, stats = out
+        if state.layer in collector.capture and state.layer not in collector.captured:
+            s0, n0 = starts[0], lens[0]
+            collector.captured[state.layer] = (
+                query[0, :, 0].detach().clone(),
+                key[0, :, s0:s0 + n0].transpose(0, 1).detach().clone(),
+                value[0, :, s0:s0 + n0].transpose(0, 1).detach().clone())
         record = {"layer": state.layer, "step": step, **stats}
         if collector.errors:
             ref = _dense_reference(query, key, value, starts, lens, scaling)
@@ -257,17 +265,19 @@ class Enabled:
 
 
 def enable(model, config: Union[Config, str, None] = None, *, collect: bool = False,
-           errors: bool = False) -> Enabled:
+           errors: bool = False, capture=None) -> Enabled:
     """Runs decode attention of a loaded model through vattn with this config (one sampling key
     per layer). collect keeps per-layer statistics of every decode step; errors also measures
-    each head's output error against exact attention (slow: it computes dense attention too)."""
+    each head's output error against exact attention (slow: it computes dense attention too);
+    capture, a set of layer indices, keeps those layers' q/K/V of the first decode step
+    (collector.captured), for dumps that `vattn check` reads."""
     cfg = Config.of(config)
     register()
     modules = _attention_modules(model)
     if not modules:
         raise ValueError("no attention layers with layer_idx / num_key_value_groups were found: "
                          "vattn.hf supports Llama-family models (Llama, Qwen2/Qwen3, Mistral)")
-    collector = Collector(errors) if (collect or errors) else None
+    collector = Collector(errors, capture) if (collect or errors or capture) else None
     for m in modules:
         m._vattn_state = _LayerState(cfg, int(m.layer_idx), collector)
     previous = model.config._attn_implementation

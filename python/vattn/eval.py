@@ -1,0 +1,277 @@
+"""vattn eval: what each attention method does to a model's answers on long-context tasks.
+
+    python3 -m vattn eval --model models/kjv-ruler-18m --lengths 1024,2048 --samples 5 \\
+        --json eval.json --plot eval.png
+
+For every task of the RULER family (vattn.tasks) and context length, samples are generated with
+fixed seeds; the prompt is prefilled densely once, then each method decodes the answer from a
+copy of that cache (the last prompt token is the first decode step). Methods: dense, sink+local,
+oracle top-k, oracle top-p, random sampling, top-k by each predictor, and vAttention over oracle
+top-k and over each predictor at each (eps = delta). Reported per method: accuracy per task and
+length (share of expected items in the answer), the measured density, and the relative error of
+each layer's attention output against exact attention at every decode step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import sys
+import time
+from typing import Dict, List, Optional
+
+import numpy as np
+import torch
+
+from . import hf, tasks
+from .config import Config
+
+CORE = 0.01  # sink and local window, each as a fraction of n, for the sparse methods
+
+
+def methods(densities: List[float], eps_list: List[float], top_p: List[float],
+            predictors: List[str], mode: str) -> List[dict]:
+    """The methods to run: name, family, nominal density, config (None for dense)."""
+    out = [{"name": "dense", "family": "dense", "nominal": 1.0, "config": None}]
+    for rho in densities:
+        rest = max(rho - 2 * CORE, 0.001)
+        out.append({"name": f"sink_local@{rho:g}", "family": "sink_local", "nominal": rho,
+                    "config": Config("sink_local", sink=rho / 2, local=rho / 2)})
+        for pred in ["oracle"] + predictors:
+            out.append({"name": f"topk_{pred}@{rho:g}", "family": f"topk_{pred}", "nominal": rho,
+                        "config": Config("topk", sink=CORE, local=CORE, topk=rest,
+                                         predictor=pred)})
+        out.append({"name": f"random@{rho:g}", "family": "random", "nominal": rho,
+                    "config": Config("random", sink=CORE, local=CORE,
+                                     sample_rate=rest / (1 - 2 * CORE))})
+    for p in top_p:
+        out.append({"name": f"topp@{p:g}", "family": "topp", "nominal": None,
+                    "config": Config("topp", sink=CORE, local=CORE, top_p=p)})
+    for eps in eps_list:
+        for pred in ["oracle"] + predictors:
+            out.append({"name": f"vattention_{pred}@eps{eps:g}", "family": f"vattention_{pred}",
+                        "nominal": None, "eps": eps,
+                        "config": Config("vattention", sink=CORE, local=CORE, topk=0.025,
+                                         base=0.025, eps=eps, delta=eps, mode=mode,
+                                         predictor=pred)})
+    return out
+
+
+def _progress(total: int, quiet: bool):
+    try:
+        from tqdm import tqdm
+
+        return tqdm(total=total, disable=quiet, unit="run", dynamic_ncols=True)
+    except ImportError:  # a plain counter on stderr
+        class _Bar:
+            n = 0
+
+            def update(self, k=1):
+                self.n += k
+                if not quiet:
+                    print(f"\r{self.n}/{total}", end="", file=sys.stderr, flush=True)
+
+            def set_postfix_str(self, s):
+                pass
+
+            def close(self):
+                if not quiet:
+                    print(file=sys.stderr)
+
+        return _Bar()
+
+
+def _encode(tok, text: bytes) -> List[int]:
+    ids = tok(text.decode("utf-8"), add_special_tokens=False).input_ids
+    return ([tok.bos_token_id] if tok.bos_token_id is not None else []) + list(ids)
+
+
+def _save_dump(path: str, q, k, v, meta: dict) -> None:
+    from safetensors.torch import save_file
+
+    save_file({"q": q.float().contiguous(), "k": k.half().contiguous(),
+               "v": v.half().contiguous()}, path, metadata={k_: str(v_) for k_, v_ in meta.items()})
+
+
+def run(model, tok, *, task_names: List[str], lengths: List[int], samples: int, seed: int,
+        method_list: List[dict], errors: bool = True, dump: Optional[str] = None,
+        dump_layers: List[int] = (), quiet: bool = False) -> dict:
+    hay = tasks.Haystack(tasks.load_corpus())
+    results = {m["name"]: {"family": m["family"], "nominal_density": m["nominal"],
+                           "eps": m.get("eps"), "config": str(m["config"] or "method=dense"),
+                           "scores": {}, "records": []} for m in method_list}
+    bar = _progress(len(task_names) * len(lengths) * samples * len(method_list), quiet)
+    if dump:
+        os.makedirs(dump, exist_ok=True)
+    for ti, task in enumerate(task_names):
+        for length in lengths:
+            rng = np.random.default_rng([seed, ti, length])
+            for i in range(samples):
+                sample = tasks.make(task, rng, hay, length)
+                ids = torch.tensor([_encode(tok, sample.prompt)])
+                new = len(sample.target) + 4
+                hf.disable(model)
+                with torch.no_grad():
+                    cache = model(ids[:, :-1], use_cache=True).past_key_values
+                want_dump = bool(dump) and i == 0
+                for m in method_list:
+                    c = copy.deepcopy(cache)
+                    run_ = None
+                    if m["config"] is None:
+                        hf.disable(model)
+                    else:
+                        run_ = hf.enable(model, m["config"], collect=True, errors=errors,
+                                         capture=set(dump_layers) if want_dump else None)
+                    with torch.no_grad():
+                        out = model.generate(ids, attention_mask=torch.ones_like(ids),
+                                             past_key_values=c, max_new_tokens=new,
+                                             do_sample=False, pad_token_id=tok.pad_token_id)
+                    text = tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+                    r = results[m["name"]]
+                    r["scores"].setdefault(task, {}).setdefault(str(length), []).append(
+                        tasks.score(sample, text))
+                    if run_ is not None:
+                        for rec in run_.records:
+                            r["records"].append(
+                                {"layer": rec["layer"],
+                                 "density": rec["density"].mean().item(),
+                                 "error": rec["error"].mean().item() if errors else None,
+                                 "error_max": rec["error"].max().item() if errors else None})
+                        # the first decode step's q, K, V are the same for every method
+                        for layer, (q, k, v) in run_.collector.captured.items():
+                            _save_dump(os.path.join(
+                                dump, f"{task}_{length}_layer{layer}.safetensors"), q, k, v,
+                                {"task": task, "length": length, "layer": layer, "seed": seed})
+                        want_dump = want_dump and not run_.collector.captured
+                    bar.update(1)
+                hf.disable(model)
+    bar.close()
+    return summarise(results, errors)
+
+
+def summarise(results: dict, errors: bool) -> dict:
+    out = {}
+    for name, r in results.items():
+        acc = {t: {L: float(np.mean(v)) for L, v in per.items()} for t, per in r["scores"].items()}
+        all_scores = [s for per in r["scores"].values() for v in per.values() for s in v]
+        row = {"family": r["family"], "config": r["config"], "eps": r["eps"],
+               "nominal_density": r["nominal_density"], "accuracy": acc,
+               "accuracy_mean": float(np.mean(all_scores)) if all_scores else None}
+        recs = r["records"]
+        if recs:
+            row["density"] = float(np.mean([x["density"] for x in recs]))
+            layers = sorted({x["layer"] for x in recs})
+            row["per_layer"] = []
+            for layer in layers:
+                lr = [x for x in recs if x["layer"] == layer]
+                entry = {"layer": layer, "density": float(np.mean([x["density"] for x in lr]))}
+                if errors:
+                    entry["error_mean"] = float(np.mean([x["error"] for x in lr]))
+                    entry["error_max"] = float(np.max([x["error_max"] for x in lr]))
+                row["per_layer"].append(entry)
+            if errors:
+                errs = [x["error"] for x in recs]
+                row["error_mean"] = float(np.mean(errs))
+                row["error_p95"] = float(np.percentile(errs, 95))
+        else:
+            row["density"] = 1.0
+            row["error_mean"] = 0.0 if errors else None
+        out[name] = row
+    return out
+
+
+def table(summary: dict, task_names: List[str]) -> str:
+    head = f"{'method':28s} {'density':>8s} {'error':>8s} {'acc':>6s}  " + " ".join(
+        f"{t[:12]:>12s}" for t in task_names)
+    lines = [head]
+    for name, row in summary.items():
+        per = [np.mean(list(row["accuracy"].get(t, {}).values()) or [np.nan]) for t in task_names]
+        err = row.get("error_mean")
+        lines.append(f"{name:28s} {row['density']:8.3f} "
+                     f"{(err if err is not None else float('nan')):8.4f} "
+                     f"{row['accuracy_mean']:6.3f}  " + " ".join(f"{a:12.2f}" for a in per))
+    return "\n".join(lines)
+
+
+def plot(summary: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    families = sorted({r["family"] for r in summary.values()})
+    for fam in families:
+        rows = sorted([r for r in summary.values() if r["family"] == fam],
+                      key=lambda r: r["density"])
+        d = [r["density"] for r in rows]
+        style = "o-" if fam.startswith("vattention") else "s--"
+        axes[0].plot(d, [r["accuracy_mean"] for r in rows], style, label=fam)
+        if fam != "dense" and rows[0].get("error_mean") is not None:
+            axes[1].plot(d, [r["error_mean"] for r in rows], style, label=fam)
+    axes[0].set(xscale="log", xlabel="measured density", ylabel="accuracy (all tasks)",
+                title="accuracy vs density")
+    axes[1].set(xscale="log", yscale="log", xlabel="measured density",
+                ylabel="mean relative output error", title="attention error vs density")
+    for ax in axes:
+        ax.grid(True, alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    ap = argparse.ArgumentParser(prog="vattn eval", description=__doc__.splitlines()[0])
+    ap.add_argument("--model", required=True, help="a local HF model directory")
+    ap.add_argument("--tasks", default="all", help=f"comma list of {','.join(tasks.TASKS)}")
+    ap.add_argument("--lengths", default="1024,2048,4096", help="prompt lengths in bytes")
+    ap.add_argument("--samples", type=int, default=5, help="samples per task and length")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--densities", default="0.05,0.1")
+    ap.add_argument("--eps", default="0.05,0.1,0.2", help="vAttention eps = delta values")
+    ap.add_argument("--top-p", default="0.9")
+    ap.add_argument("--predictors", default="pages,signs")
+    ap.add_argument("--mode", default="output", help="vAttention budget mode")
+    ap.add_argument("--methods", help="run only methods whose name starts with one of these")
+    ap.add_argument("--no-errors", action="store_true", help="skip measuring attention errors")
+    ap.add_argument("--json", help="write the summary here")
+    ap.add_argument("--plot", help="write accuracy/error vs density plots here (matplotlib)")
+    ap.add_argument("--dump", help="write q/K/V of the first decode step to this folder")
+    ap.add_argument("--dump-layers", default="0", help="layers to dump")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    ap.add_argument("--quiet", action="store_true")
+    args = ap.parse_args(argv)
+
+    import transformers
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    names = list(tasks.TASKS) if args.tasks == "all" else args.tasks.split(",")
+    for t in names:
+        if t not in tasks.TASKS:
+            ap.error(f"unknown task {t!r}; expected some of {','.join(tasks.TASKS)}")
+    floats = lambda s: [float(x) for x in s.split(",") if x]
+    method_list = methods(floats(args.densities), floats(args.eps), floats(args.top_p),
+                          [p for p in args.predictors.split(",") if p], args.mode)
+    if args.methods:
+        keep = tuple(args.methods.split(","))
+        method_list = [m for m in method_list if m["name"].startswith(keep)]
+    tok = transformers.AutoTokenizer.from_pretrained(args.model)
+    model = transformers.AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
+    model.eval()
+    t0 = time.time()
+    summary = run(model, tok, task_names=names, lengths=[int(x) for x in args.lengths.split(",")],
+                  samples=args.samples, seed=args.seed, method_list=method_list,
+                  errors=not args.no_errors, dump=args.dump,
+                  dump_layers=[int(x) for x in args.dump_layers.split(",") if x],
+                  quiet=args.quiet)
+    print(table(summary, names))
+    print(f"({time.time() - t0:.0f} s)")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"args": vars(args), "methods": summary}, f, indent=1)
+    if args.plot:
+        plot(summary, args.plot)
+    return 0
