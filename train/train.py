@@ -2,7 +2,7 @@
 text (the King James Bible, Debian package bible-kjv) mixed with RULER-family tasks
 (python/vattn/tasks.py), deterministic given --seed.
 
-    python3 train/train.py --out models/vattn-kjv-ruler --steps 1500          # one H100/H200
+    python3 train/train.py --out models/kjv-ruler-18m --steps 2200            # one H100/H200
     python3 train/train.py --out /tmp/m --steps 3 --batch 2 --length 1024 --small   # CPU check
 
 Each batch row is packed with documents: passages of text (language-model loss on every byte)
@@ -16,6 +16,7 @@ train_log.json (loss curve, settings, throughput).
 import argparse
 import json
 import math
+import multiprocessing
 import os
 import sys
 import time
@@ -92,6 +93,22 @@ def make_batch(rng, hay, batch: int, length: int, longest: int):
     return torch.from_numpy(ids), torch.from_numpy(kind)
 
 
+_worker = {}
+
+
+def _init_worker(corpus_path, seed, batch, length, steps):
+    _worker.update(hay=tasks.Haystack(tasks.load_corpus(corpus_path)), seed=seed, batch=batch,
+                   length=length, steps=steps)
+
+
+def _step_batch(step: int):
+    """The batch of one step, from its own generator: the same for any number of workers."""
+    w = _worker
+    rng = np.random.default_rng([w["seed"], step])
+    return make_batch(rng, w["hay"], w["batch"], w["length"],
+                      curriculum(step, w["steps"], w["length"]))
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True)
@@ -105,11 +122,14 @@ def main():
     ap.add_argument("--max-minutes", type=float, default=0,
                     help="stop early after this long (then not deterministic; logged)")
     ap.add_argument("--small", action="store_true", help="a tiny model, for checks")
+    ap.add_argument("--workers", type=int, default=max(1, min(12, (os.cpu_count() or 2) - 2)),
+                    help="processes generating batches (the data is the same for any number)")
     args = ap.parse_args()
 
     torch.manual_seed(args.seed)
-    rng = np.random.default_rng(args.seed)
-    hay = tasks.Haystack(tasks.load_corpus(args.corpus))
+    pool = multiprocessing.get_context("fork").Pool(
+        args.workers, _init_worker, (args.corpus, args.seed, args.batch, args.length, args.steps))
+    batches = pool.imap(_step_batch, range(args.steps), chunksize=1)
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if dev.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -139,8 +159,7 @@ def main():
     tokens = 0
     step = 0
     for step in range(args.steps):
-        ids, kind = make_batch(rng, hay, args.batch, args.length,
-                               curriculum(step, args.steps, args.length))
+        ids, kind = next(batches)
         ids, kind = ids.to(dev, non_blocking=True), kind.to(dev, non_blocking=True)
         for g in opt.param_groups:
             g["lr"] = lr_at(step)
@@ -168,6 +187,7 @@ def main():
             log["stopped_early_at_step"] = step
             print(f"stopping at step {step}: --max-minutes reached", flush=True)
             break
+    pool.terminate()
     log["steps_done"] = step + 1
     log["seconds"] = round(time.time() - t0, 1)
     log["tokens_per_second"] = round(tokens / max(log["seconds"], 1e-9))
