@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import inspect
 import json
 import os
 import sys
@@ -99,6 +100,9 @@ def run(model, tok, *, task_names: List[str], lengths: List[int], samples: int, 
         method_list: List[dict], errors: bool = True, dump: Optional[str] = None,
         dump_layers: List[int] = (), quiet: bool = False) -> dict:
     hay = tasks.Haystack(tasks.load_corpus())
+    # transformers renamed generate's past_key_values to cache (5.2x); take whichever it has
+    cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else \
+        "past_key_values"
     results = {m["name"]: {"family": m["family"], "nominal_density": m["nominal"],
                            "eps": m.get("eps"), "config": str(m["config"] or "method=dense"),
                            "scores": {}, "records": []} for m in method_list}
@@ -126,8 +130,8 @@ def run(model, tok, *, task_names: List[str], lengths: List[int], samples: int, 
                                          capture=set(dump_layers) if want_dump else None)
                     with torch.no_grad():
                         out = model.generate(ids, attention_mask=torch.ones_like(ids),
-                                             past_key_values=c, max_new_tokens=new,
-                                             do_sample=False, pad_token_id=tok.pad_token_id)
+                                             max_new_tokens=new, do_sample=False,
+                                             pad_token_id=tok.pad_token_id, **{cache_kw: c})
                     text = tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
                     r = results[m["name"]]
                     r["scores"].setdefault(task, {}).setdefault(str(length), []).append(
@@ -195,6 +199,23 @@ def table(summary: dict, task_names: List[str]) -> str:
     return "\n".join(lines)
 
 
+def markdown(summary: dict, task_names: List[str]) -> str:
+    """The summary as a markdown table: one row per method."""
+    short = {t: t.replace("niah_", "").replace("variable_tracking", "vt")
+             .replace("common_words", "cwe").replace("frequent_words", "fwe") for t in task_names}
+    lines = ["| method | density | err mean | err p95 | accuracy | " +
+             " | ".join(short[t] for t in task_names) + " |",
+             "|---|---:|---:|---:|---:|" + "---:|" * len(task_names)]
+    for name, row in summary.items():
+        per = [np.mean(list(row["accuracy"].get(t, {}).values()) or [np.nan]) for t in task_names]
+        err, p95 = row.get("error_mean"), row.get("error_p95")
+        lines.append(f"| {name} | {row['density']:.3f} | "
+                     f"{'' if err is None else f'{err:.4f}'} | "
+                     f"{'' if p95 is None else f'{p95:.4f}'} | {row['accuracy_mean']:.3f} | " +
+                     " | ".join(f"{a:.2f}" for a in per) + " |")
+    return "\n".join(lines)
+
+
 def plot(summary: dict, path: str) -> None:
     import matplotlib
 
@@ -238,6 +259,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--no-errors", action="store_true", help="skip measuring attention errors")
     ap.add_argument("--json", help="write the summary here")
     ap.add_argument("--plot", help="write accuracy/error vs density plots here (matplotlib)")
+    ap.add_argument("--markdown", help="write the table as markdown here")
     ap.add_argument("--dump", help="write q/K/V of the first decode step to this folder")
     ap.add_argument("--dump-layers", default="0", help="layers to dump")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
@@ -274,4 +296,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             json.dump({"args": vars(args), "methods": summary}, f, indent=1)
     if args.plot:
         plot(summary, args.plot)
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(markdown(summary, names) + "\n")
     return 0
