@@ -5,6 +5,10 @@ text (the King James Bible, Debian package bible-kjv) mixed with RULER-family ta
     python3 train/train.py --out models/kjv-ruler-18m --steps 2200            # one H100/H200
     python3 train/train.py --out /tmp/m --steps 3 --batch 2 --length 1024 --small   # CPU check
 
+With --checkpoint F --max-minutes M the run saves its whole state to F after M minutes and exits
+with status 3; the same command with --resume goes on from there, with the same data, so a run can
+be split over machine leases and still equal an uninterrupted one.
+
 Each batch row is packed with documents: passages of text (language-model loss on every byte)
 and task prompts with their answers. Documents start at 256 bytes and their longest length
 doubles up to --length by 60% of the steps (a curriculum: retrieval is learnt on short contexts
@@ -120,16 +124,26 @@ def main():
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--corpus", help="haystack text file (default: the bible-kjv package)")
     ap.add_argument("--max-minutes", type=float, default=0,
-                    help="stop early after this long (then not deterministic; logged)")
+                    help="stop after this long: with --checkpoint, save the state there and exit "
+                         "with status 3 so that --resume goes on; without, save the model as it is "
+                         "(then not deterministic; logged)")
+    ap.add_argument("--checkpoint", help="file for the training state (model, optimiser, step)")
+    ap.add_argument("--resume", action="store_true",
+                    help="continue from --checkpoint when it exists (the same data follows)")
     ap.add_argument("--small", action="store_true", help="a tiny model, for checks")
     ap.add_argument("--workers", type=int, default=max(1, min(12, (os.cpu_count() or 2) - 2)),
                     help="processes generating batches (the data is the same for any number)")
     args = ap.parse_args()
 
     torch.manual_seed(args.seed)
+    state = None
+    if args.resume and args.checkpoint and os.path.exists(args.checkpoint):
+        state = torch.load(args.checkpoint, map_location="cpu", weights_only=False)
+        print(f"resuming at step {state['step']} from {args.checkpoint}", flush=True)
+    first = state["step"] if state else 0
     pool = multiprocessing.get_context("fork").Pool(
         args.workers, _init_worker, (args.corpus, args.seed, args.batch, args.length, args.steps))
-    batches = pool.imap(_step_batch, range(args.steps), chunksize=1)
+    batches = pool.imap(_step_batch, range(first, args.steps), chunksize=1)
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if dev.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -157,8 +171,17 @@ def main():
            "torch": torch.__version__, "transformers": transformers.__version__, "curve": []}
     t0 = time.time()
     tokens = 0
-    step = 0
-    for step in range(args.steps):
+    if state:  # the run so far: weights, optimiser moments, curve, clock and token count
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        log["curve"], log["sessions"] = state["curve"], state["sessions"]
+        t0 -= state["seconds"]
+        tokens = state["tokens"]
+    log.setdefault("sessions", []).append({"first_step": first, "started": time.time()})
+    t_session = time.time()
+    step = first
+    suspended = False
+    for step in range(first, args.steps):
         ids, kind = next(batches)
         ids, kind = ids.to(dev, non_blocking=True), kind.to(dev, non_blocking=True)
         for g in opt.param_groups:
@@ -183,11 +206,22 @@ def main():
                    "lr": lr_at(step), "seconds": round(el, 1), "tokens": tokens}
             log["curve"].append(row)
             print(json.dumps(row), flush=True)
-        if args.max_minutes and time.time() - t0 > 60 * args.max_minutes:
-            log["stopped_early_at_step"] = step
-            print(f"stopping at step {step}: --max-minutes reached", flush=True)
+        if args.max_minutes and time.time() - t_session > 60 * args.max_minutes \
+                and step + 1 < args.steps:
+            if args.checkpoint:
+                suspended = True
+                print(f"suspending after step {step}: --max-minutes reached", flush=True)
+            else:
+                log["stopped_early_at_step"] = step
+                print(f"stopping at step {step}: --max-minutes reached", flush=True)
             break
     pool.terminate()
+    if suspended:
+        torch.save({"step": step + 1, "model": model.state_dict(), "optimizer": opt.state_dict(),
+                    "curve": log["curve"], "sessions": log["sessions"],
+                    "seconds": time.time() - t0, "tokens": tokens}, args.checkpoint)
+        print(f"state saved to {args.checkpoint}; go on with --resume", flush=True)
+        sys.exit(3)
     log["steps_done"] = step + 1
     log["seconds"] = round(time.time() - t0, 1)
     log["tokens_per_second"] = round(tokens / max(log["seconds"], 1e-9))
