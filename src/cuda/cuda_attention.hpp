@@ -119,6 +119,12 @@ struct run_args {
   // Required for predictor=signs: the mirror of an index built with the same config and head
   // shapes whose slot s holds exactly seq_len[s] tokens (checked on the device).
   const device_index* index = nullptr;
+  // Optional, for profiling (bench_cuda): called on the host right after each stage's kernels
+  // are enqueued on the stream, e.g. to record an event there. Stages, in order: "score"
+  // (top-k only), "select", "sample", "list logits" (sampling without oracle logits),
+  // "moments" (these three with sampling), "finish", "attend".
+  void (*stage_hook)(const char* stage, void* ctx) = nullptr;
+  void* stage_ctx = nullptr;
 };
 
 // Plan once, run many. The constructor validates the shapes (vattn::error naming the field),

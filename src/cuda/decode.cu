@@ -207,20 +207,8 @@ void check_run(const params& p, int32_t n_head_q, const float* q, const kv_cache
 
 split_args make_args(const params& p, const kv_cache& kv, const float* q, float scale) {
   split_args s{};
+  static_cast<detail::kv_view&>(s) = detail::make_kv_view(kv);
   s.q = q;
-  s.k = kv.k;
-  s.v = kv.v;
-  s.stride_token = kv.stride_token;
-  s.stride_head = kv.stride_head;
-  s.stride_page = kv.stride_page;
-  s.paged = kv.layout == kv_layout::paged;
-  s.page_size = kv.page_size;
-  s.seq_len = kv.seq_len;
-  s.seq_start = kv.seq_start;
-  s.page_table = kv.page_table;
-  s.page_start = kv.page_start;
-  s.n_rows = kv.n_rows;
-  s.n_pages = kv.n_pages;
   s.n_tokens_max = int32_t(p.n_tokens_max);
   s.n_head_q = p.n_head_q;
   s.group = p.n_head_q / p.n_head_kv;
@@ -300,6 +288,7 @@ plan::plan(const params& p, const config& cfg) : p_(p), cfg_(cfg) {
   ws_bytes_ = split_bytes_ + detail::run_workspace_bytes(cfg_, p.n_seq_max, p.n_head_q, p.n_head_kv,
                                                          p.n_tokens_max);
   cpu_level_ = int32_t(vattn::detail::active_simd_level());
+  detail::prepare_run(cfg_, p.kv_type, p.head_dim, p.n_head_q / p.n_head_kv);
 }
 
 // Splits fill one wave of resident blocks (a partial second wave would leave most of the

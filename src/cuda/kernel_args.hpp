@@ -35,9 +35,10 @@ struct device_status {
 };
 constexpr size_t k_status_bytes = 256;  // the status record's slot at the workspace's start
 
-// Arguments of one launch of the split kernel (passed by value). Strides are in elements.
-struct split_args {
-  const float* q;  // [n_seq, n_head_q, D]
+// The KV-cache fields every kernel reads (a device-side copy of vattn::kv_cache's geometry);
+// the launch arguments of the split kernel and of run()'s kernels derive from it. Strides are in
+// elements.
+struct kv_view {
   const void* k;
   const void* v;
   int64_t stride_token, stride_head, stride_page;
@@ -48,6 +49,29 @@ struct split_args {
   const int32_t* page_table;
   const int64_t* page_start;
   int64_t n_rows, n_pages;
+};
+// The view of `kv` (whose default strides the caller resolved: with_default_strides).
+inline kv_view make_kv_view(const kv_cache& kv) {
+  kv_view w{};
+  w.k = kv.k;
+  w.v = kv.v;
+  w.stride_token = kv.stride_token;
+  w.stride_head = kv.stride_head;
+  w.stride_page = kv.stride_page;
+  w.paged = kv.layout == kv_layout::paged;
+  w.page_size = kv.page_size;
+  w.seq_len = kv.seq_len;
+  w.seq_start = kv.seq_start;
+  w.page_table = kv.page_table;
+  w.page_start = kv.page_start;
+  w.n_rows = kv.n_rows;
+  w.n_pages = kv.n_pages;
+  return w;
+}
+
+// Arguments of one launch of the split kernel (passed by value).
+struct split_args : kv_view {
+  const float* q;  // [n_seq, n_head_q, D]
   int32_t n_tokens_max;
   int32_t n_head_q;
   int32_t group;     // query heads per kv head
@@ -78,6 +102,8 @@ int split_blocks_per_sm();
 // run() (vattn_run.cu): whether the backend runs `cfg` (throws vattn::error naming what it does
 // not support) and the workspace it needs beyond the split states.
 void check_run_config(const config& cfg);
+// The plan's one-time device setup of run()'s kernels (shared-memory limits by the GQA group).
+void prepare_run(const config& cfg, dtype kv_type, int32_t head_dim, int32_t group);
 size_t run_workspace_bytes(const config& cfg, int32_t n_seq_max, int32_t n_head_q,
                            int32_t n_head_kv, int64_t n_tokens_max);
 

@@ -22,24 +22,30 @@
 #include "cpu/predictors.hpp"
 #include "cuda/cuda_attention.hpp"
 #include "cuda/kernel_args.hpp"
+#include "cuda/kernels.cuh"
 #include "cuda/select_math.hpp"
 
 namespace vattn::cuda {
 namespace detail {
 namespace {
 
-constexpr int k_sel_threads = 1024;  // selection and finishing blocks
-constexpr int k_mom_threads = 256;   // moments blocks (8 warps)
-constexpr int k_score_threads = 256;
-constexpr int k_score_tokens = 64;   // tokens per oracle scoring block
+constexpr int k_sel_threads = 1024;  // finishing blocks
+constexpr int k_mom_threads = 512;   // moments blocks (16 warps)
+constexpr int k_pass_threads = 256;  // the multi-block selection passes
+constexpr int k_chunk = 2048;        // positions per selection-pass block (8 per thread)
+constexpr int k_per_thread = k_chunk / k_pass_threads;
+constexpr int k_sign_threads = 256;
 constexpr int k_sign_tokens = 1024;  // tokens per sign scoring block
 constexpr int k_max_words = 8;       // 256 signature bits
+// The radix select's digits, from the top: f32 order keys in three passes (8, 12, 12 bits; the
+// first histogram is built by the scoring kernel), sign scores (0..256) in one pass of 9 bits.
+constexpr int k_hist1 = 512, k_hist2 = 4096, k_hist3 = 4096;
+constexpr int k_hist_ints = k_hist1 + k_hist2 + k_hist3;  // per (sequence, query head)
 
 // Per (sequence, selection unit): what the selection decided. A unit is one query head, or one
 // kv group with gqa_shared.
 struct unit_rec {
   int64_t n, n_f, n_s, m0;
-  int64_t pos;    // the permutation position after the last draw so far
   int32_t dense;  // 1: attention over every token (too short for sparsity)
   int32_t skip;   // 1: a bad device-side value was reported; the unit is left alone
 };
@@ -49,21 +55,20 @@ struct head_rec {
   int64_t b;
 };
 
-struct run_kargs {
+// The radix select's state per query head: the digits of the k-th key found so far (prefix, under
+// mask) and kk, its rank among the candidates sharing that prefix.
+struct key_prefix {
+  uint32_t prefix, mask;
+  int64_t kk;
+};
+
+struct run_kargs : kv_view {
   const float* q;
-  const void* k;
-  const void* v;
-  int64_t stride_token, stride_head, stride_page;
-  int32_t paged, page_size;
-  const int32_t* seq_len;
-  const int64_t* seq_start;
-  const int32_t* page_table;
-  const int64_t* page_start;
-  int64_t n_rows, n_pages;
   int32_t n_max, n_head_q, n_head_kv, d, group;
   int32_t unit_heads;  // query heads per unit
   int32_t n_units;     // units per sequence
   int32_t es;          // bytes per K/V element
+  int32_t n_chunks;    // selection-pass chunks per sequence: ceil(n_max / k_chunk)
   dot_order order;
   sel_cfg c;
   uint64_t step;
@@ -77,9 +82,14 @@ struct run_kargs {
   // workspace
   uint32_t* scores;   // [n_seq, n_head_q, n_max]: logits (f32 bits) or sign matches
   uint32_t* qsig;     // [n_seq, n_head_q, k_max_words]
+  int32_t* hist;      // [n_seq, n_head_q, k_hist_ints]: the radix select's digit histograms
+  key_prefix* sel;    // [n_seq, n_head_q]: the k-th key's digits found so far
+  int32_t* eq_count;  // [n_seq, n_head_q, n_chunks]: keys equal to the k-th key per chunk
+  int32_t* f_count;   // [n_seq, n_units, n_chunks]: members of F per chunk
+  int32_t* w_count;   // [n_seq, n_units, n_chunks]: walk positions outside F per chunk
   uint8_t* flags;     // [n_seq, n_units, n_max]
   int32_t* list;      // [n_seq, n_units, n_max]
-  float* weights;     // [n_seq, n_units, n_max]
+  float* weights;     // [n_seq, n_units, n_max]; before finishing: the walk's tokens (int32)
   int32_t* list_len;  // [n_seq, n_units]
   unit_rec* units;    // [n_seq, n_units]
   head_rec* heads;    // [n_seq, n_head_q]
@@ -94,6 +104,16 @@ __device__ inline void report_status(device_status* st, int32_t code, int32_t se
   if (atomicCAS(&st->code, 0, code) == 0) {
     st->seq = seq, st->value = value, st->aux = aux, st->limit = limit;
   }
+}
+
+// hist[bin] += 1 for every lane with `active`, one atomic per distinct bin of the warp (logits
+// crowd into a few bins; plain shared atomics would serialise on them). Every lane of the warp
+// calls it.
+__device__ __forceinline__ void hist_add(int* hist, uint32_t bin, bool active) {
+  const unsigned live = __ballot_sync(0xffffffffu, active);
+  if (!active) return;
+  const unsigned peers = __match_any_sync(live, bin);
+  if (int(threadIdx.x % 32) == __ffs(peers) - 1) atomicAdd(&hist[bin], __popc(peers));
 }
 
 // --- sequence geometry -------------------------------------------------------------------------
@@ -144,18 +164,17 @@ __device__ __forceinline__ float load_elem(const void* base, int64_t i) {
     return static_cast<const float*>(base)[i];
 }
 
-// The CPU-order dot product of q (shared, d floats) with K row `row` by a segment of o.lanes
-// lanes (lane `a` of the segment holds accumulator a); the result is in the segment's lane 0.
-// Every lane of the warp must call it (shuffles); `valid` false gives a dummy value.
-template <dtype T>
-__device__ __forceinline__ float seg_dot(const float* q, const void* kb, int64_t row, int d,
+// The CPU-order dot product of q (shared, d floats) with row `row` of `kb` by a segment of
+// o.lanes lanes (lane `a` of the segment holds accumulator a); the result is in the segment's
+// lane 0. Every lane of the warp must call it (shuffles); `valid` false gives a dummy value.
+// Used for the query signatures (d projections per head).
+__device__ __forceinline__ float seg_dot(const float* q, const float* kb, int64_t row, int d,
                                          dot_order o, int a, bool valid) {
   float acc = 0.f;
   if (valid) {
-    for (int j = a; j < d; j += o.lanes) {
-      const float k = load_elem<T>(kb, row + j);
-      acc = o.fused ? __fmaf_rn(q[j], k, acc) : __fadd_rn(acc, __fmul_rn(q[j], k));
-    }
+    for (int j = a; j < d; j += o.lanes)
+      acc = o.fused ? __fmaf_rn(q[j], kb[row + j], acc)
+                    : __fadd_rn(acc, __fmul_rn(q[j], kb[row + j]));
   }
   if (o.fused) {
     for (int off = o.lanes / 2; off >= 1; off /= 2)
@@ -167,47 +186,177 @@ __device__ __forceinline__ float seg_dot(const float* q, const void* kb, int64_t
   return acc;
 }
 
+// The CPU-order dot product of one row held in shared memory (16-byte words) with q (shared, 16-
+// byte aligned): L accumulators, element j into accumulator j % L in order, fused or not, then
+// the CPU's reduction tree (select_math.hpp cpu_order_dot), all in one thread's registers.
+template <int Off>
+__device__ __forceinline__ void halve(float* acc) {
+#pragma unroll
+  for (int x = 0; x < Off; ++x) acc[x] = __fadd_rn(acc[x], acc[x + Off]);
+  if constexpr (Off > 1) halve<Off / 2>(acc);
+}
+template <dtype T, int D, int L, bool Fused>
+__device__ __forceinline__ float row_dot(const uint4* row, const float* q) {
+  constexpr int PW = kv_elem<T>::k_per_word, W = D / PW;
+  float acc[L];
+#pragma unroll
+  for (int x = 0; x < L; ++x) acc[x] = 0.f;
+  const float4* q4 = reinterpret_cast<const float4*>(q);
+#pragma unroll
+  for (int w = 0; w < W; ++w) {
+    float x[PW], qv[PW];
+    kv_elem<T>::unpack(row[w], x);
+#pragma unroll
+    for (int e = 0; e < PW / 4; ++e) {
+      const float4 f = q4[w * (PW / 4) + e];
+      qv[4 * e] = f.x, qv[4 * e + 1] = f.y, qv[4 * e + 2] = f.z, qv[4 * e + 3] = f.w;
+    }
+#pragma unroll
+    for (int e = 0; e < PW; ++e) {
+      const int j = w * PW + e;
+      if constexpr (Fused)
+        acc[j % L] = __fmaf_rn(qv[e], x[e], acc[j % L]);
+      else
+        acc[j % L] = __fadd_rn(acc[j % L], __fmul_rn(qv[e], x[e]));
+    }
+  }
+  if constexpr (Fused) {
+    halve<L / 2>(acc);  // halves first: L/2, ..., 1
+  } else {              // the scalar kernel's (a0 + a1) + (a2 + a3)
+    acc[0] = __fadd_rn(acc[0], acc[1]);
+    acc[2] = __fadd_rn(acc[2], acc[3]);
+    acc[0] = __fadd_rn(acc[0], acc[2]);
+  }
+  return acc[0];
+}
+
+template <dtype T, int D>
+__device__ __forceinline__ float cpu_row_dot(const uint4* row, const float* q, dot_order o) {
+  if (o.lanes == 32) return row_dot<T, D, 32, true>(row, q);
+  if (o.lanes == 16) return row_dot<T, D, 16, true>(row, q);
+  return row_dot<T, D, 4, false>(row, q);  // scalar: 4 accumulators, unfused
+}
+
 // --- scoring ----------------------------------------------------------------------------------
 
-// Oracle logits of every token for the query heads of one kv group: grid (token blocks, kv head,
-// sequence). q is scaled as the CPU scales it (one float multiply) and dotted in its order.
-template <dtype T>
-__global__ void __launch_bounds__(k_score_threads) oracle_scores(const run_kargs a) {
-  extern __shared__ float qs[];  // [group, d]
-  const int kvh = blockIdx.y, s = blockIdx.z, d = a.d, G = a.group;
+// A scoring tile: `k_tokens` K rows staged in shared memory by coalesced 16-byte loads (rows
+// padded by one word: conflict-free 16-byte reads), one thread per row then computing the CPU-
+// order dot products with each query row.
+template <dtype T, int D>
+struct tile_geom {
+  static constexpr int k_es = sizeof(typename kv_elem<T>::type);
+  static constexpr int k_words = D * k_es / 16;  // 16-byte words per row
+  static constexpr int k_pitch = k_words + 1;
+  static constexpr int k_tokens = k_es == 4 ? 64 : 128;        // rows per tile = threads per block
+  static constexpr int k_batch = k_words < 16 ? k_words : 16;  // words per thread in flight
+  static constexpr size_t k_tile_bytes = size_t(k_tokens) * k_pitch * 16;
+};
+
+// Shared memory of a scoring block serving `heads` query rows, with the first radix histogram.
+template <dtype T, int D>
+constexpr size_t score_smem(int heads) {
+  return tile_geom<T, D>::k_tile_bytes + size_t(heads) * D * 4 + size_t(heads) * 256 * 4;
+}
+
+// Oracle logits (list_mode 0: grid (tiles, kv head, sequence), every token for the query heads
+// of the kv group, and the first radix histogram of each head's top-k candidates), or the logits
+// of the listed rows F + base sample of one query head (list_mode 1: grid (tiles, query head,
+// sequence), for predictors and sampling without top-k; stored by list position). q is scaled as
+// the CPU scales it (one float multiply) and dotted in its order.
+template <dtype T, int D>
+__global__ void __launch_bounds__(tile_geom<T, D>::k_tokens)
+    score_kernel(const run_kargs a, int list_mode) {
+  using tg = tile_geom<T, D>;
+  constexpr int NT = tg::k_tokens, W = tg::k_words, P = tg::k_pitch;
+  extern __shared__ uint4 smem[];
+  uint4* kt = smem;
+  float* qs = reinterpret_cast<float*>(smem + NT * P);
+  const int s = blockIdx.z, tid = threadIdx.x, G = a.group;
   const int32_t n = a.seq_len[s];
   if (n < 1 || n > a.n_max) return;  // reported by the selection
-  const int64_t t0 = int64_t(blockIdx.x) * k_score_tokens;
-  if (t0 >= n) return;
   const int64_t base = seq_base(a, s, n, false);
   if (base < 0) return;
-  for (int i = threadIdx.x; i < G * d; i += blockDim.x)
-    qs[i] = __fmul_rn(a.q[(int64_t(s) * a.n_head_q + kvh * G) * d + i], a.c.scale);
-  __syncthreads();
-  const int lanes = a.order.lanes, per_warp = 32 / lanes;
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, sub = lane / lanes, ai = lane % lanes;
-  const int64_t t1 = min64(t0 + k_score_tokens, int64_t(n));
-  for (int64_t tb = t0 + int64_t(warp) * per_warp; tb < t1;
-       tb += int64_t(k_score_threads / 32) * per_warp) {
-    const int64_t t = tb + sub;
-    const bool valid = t < t1;
-    const int64_t row = valid ? row_of(a, s, base, t, kvh) : 0;
-    for (int g = 0; g < G; ++g) {
-      const float l = seg_dot<T>(qs + g * d, a.k, row, d, a.order, ai, valid);
-      if (valid && ai == 0) {
-        if (!isfinite(l)) report_status(a.status, k_bad_key, s, t, kvh, 0);
-        a.scores[(int64_t(s) * a.n_head_q + kvh * G + g) * a.n_max + t] = __float_as_uint(l);
+  int kvh, h0, ng;
+  int64_t count = n;
+  const int32_t* lst = nullptr;
+  if (!list_mode) {
+    kvh = blockIdx.y, h0 = kvh * G, ng = G;
+  } else {
+    h0 = blockIdx.y, kvh = h0 / G, ng = 1;
+    const int u = a.c.gqa_shared ? h0 / G : h0;
+    const int64_t ui = int64_t(s) * a.n_units + u;
+    const unit_rec ur = a.units[ui];
+    if (ur.skip || ur.dense || ur.m0 < 1) return;
+    count = ur.n_f + ur.m0;
+    lst = a.list + ui * a.n_max;
+  }
+  const int64_t i0 = int64_t(blockIdx.x) * NT;
+  if (i0 >= count) return;
+  int* hist = reinterpret_cast<int*>(qs + ng * D);
+  const stages st = resolve_stages(a.c, n);
+  const int64_t lo = st.n_sink, hi = n - st.n_local;
+  const bool do_hist = !list_mode && a.c.select == int32_t(selector::topk) && !st.dense &&
+                       st.k > 0 && st.k < hi - lo;
+  for (int i = tid; i < ng * D; i += NT)
+    qs[i] = __fmul_rn(a.q[(int64_t(s) * a.n_head_q + h0) * D + i], a.c.scale);
+  if (do_hist)
+    for (int i = tid; i < ng * 256; i += NT) hist[i] = 0;
+  // Stage the tile: thread `tid` loads words tid, tid + NT, ... of the tile (row-major), so a
+  // warp reads consecutive 16-byte words of consecutive rows; k_batch words in flight at once.
+  const char* kb = static_cast<const char*>(a.k);
+#pragma unroll
+  for (int j0 = 0; j0 < W; j0 += tg::k_batch) {
+    uint4 buf[tg::k_batch];
+#pragma unroll
+    for (int j = 0; j < tg::k_batch; ++j) {
+      const int idx = (j0 + j) * NT + tid, r = idx / W, w = idx % W;
+      const int64_t i = i0 + r;
+      buf[j] = make_uint4(0, 0, 0, 0);
+      if (i < count) {
+        const int64_t t = lst ? lst[i] : i;
+        const int64_t off = row_of(a, s, base, t, kvh);
+        buf[j] = __ldg(reinterpret_cast<const uint4*>(kb + off * tg::k_es) + w);
       }
+    }
+#pragma unroll
+    for (int j = 0; j < tg::k_batch; ++j) {
+      const int idx = (j0 + j) * NT + tid;
+      kt[(idx / W) * P + idx % W] = buf[j];
+    }
+  }
+  __syncthreads();
+  const int64_t i = i0 + tid;
+  const bool live = i < count;
+  const int64_t t = live ? (lst ? lst[i] : i) : 0;
+  for (int x = 0; x < ng; ++x) {
+    float l = 0.f;
+    if (live) {
+      l = cpu_row_dot<T, D>(kt + tid * P, qs + x * D, a.order);
+      if (!isfinite(l)) report_status(a.status, k_bad_key, s, t, kvh, 0);
+      a.scores[(int64_t(s) * a.n_head_q + h0 + x) * a.n_max + i] = __float_as_uint(l);
+    }
+    if (do_hist) hist_add(hist + x * 256, order_key(l) >> 24, live && t >= lo && t < hi);
+  }
+  if (do_hist) {
+    __syncthreads();
+    for (int b = tid; b < ng * 256; b += NT) {
+      const int c = hist[b];
+      if (c)
+        atomicAdd(&a.hist[(int64_t(s) * a.n_head_q + h0 + b / 256) * k_hist_ints + b % 256], c);
     }
   }
 }
 
-// The query's signature per query head: bit r = [w_r . q >= 0] with q unscaled, dotted in the
-// CPU's order (its row_ops dot_f32). Grid (query head, sequence), 256 threads.
-__global__ void __launch_bounds__(k_score_threads) query_signatures(const run_kargs a) {
+// Zeroes the radix histograms of (query head, sequence) and, for predictor=signs, computes the
+// query's signature: bit r = [w_r . q >= 0] with q unscaled, dotted in the CPU's order (its
+// row_ops dot_f32). Grid (query head, sequence), 256 threads.
+__global__ void __launch_bounds__(256) prep_kernel(const run_kargs a, int signs) {
   __shared__ float q[256];
   __shared__ uint32_t bits[256];
   const int h = blockIdx.x, s = blockIdx.y, d = a.d, kvh = h / a.group;
+  int32_t* hist = a.hist + (int64_t(s) * a.n_head_q + h) * k_hist_ints;
+  for (int i = threadIdx.x; i < k_hist_ints; i += blockDim.x) hist[i] = 0;
+  if (!signs) return;
   const int R = a.c.pred_bits;
   for (int i = threadIdx.x; i < d; i += blockDim.x)
     q[i] = a.q[(int64_t(s) * a.n_head_q + h) * d + i];
@@ -215,10 +364,10 @@ __global__ void __launch_bounds__(k_score_threads) query_signatures(const run_ka
   const int lanes = a.order.lanes, per_warp = 32 / lanes;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, sub = lane / lanes, ai = lane % lanes;
   const float* w = a.proj + int64_t(kvh) * R * d;
-  for (int rb = warp * per_warp; rb < R; rb += (k_score_threads / 32) * per_warp) {
+  for (int rb = warp * per_warp; rb < R; rb += (256 / 32) * per_warp) {
     const int r = rb + sub;
     const bool valid = r < R;
-    const float x = seg_dot<dtype::f32>(q, w, valid ? int64_t(r) * d : 0, d, a.order, ai, valid);
+    const float x = seg_dot(q, w, valid ? int64_t(r) * d : 0, d, a.order, ai, valid);
     if (valid && ai == 0) bits[r] = x >= 0.0f ? 1u : 0u;
   }
   __syncthreads();
@@ -229,201 +378,459 @@ __global__ void __launch_bounds__(k_score_threads) query_signatures(const run_ka
   }
 }
 
-// Bits each token's signature shares with each query head's: grid (token blocks, kv head,
-// sequence), one thread per token.
-__global__ void __launch_bounds__(k_score_threads) sign_scores(const run_kargs a) {
-  const int kvh = blockIdx.y, s = blockIdx.z, G = a.group, W = a.words;
+// Bits each token's signature shares with each query head's, and the (only) radix histogram of
+// those scores over the top-k candidates: grid (token blocks, kv head, sequence), one thread per
+// token, 16-byte signature loads.
+__global__ void __launch_bounds__(k_sign_threads) sign_scores(const run_kargs a) {
+  extern __shared__ int shist[];  // [group, k_hist1]
+  __shared__ uint32_t qw[64 * k_max_words];
+  const int kvh = blockIdx.y, s = blockIdx.z, G = a.group, W = a.words, tid = threadIdx.x;
   const int32_t n = a.seq_len[s];
   if (n < 1 || n > a.n_max || n > a.ix_n_max) return;
   const int64_t t0 = int64_t(blockIdx.x) * k_sign_tokens;
+  if (t0 >= n) return;
   const int64_t t1 = min64(t0 + k_sign_tokens, int64_t(n));
-  for (int64_t t = t0 + threadIdx.x; t < t1; t += blockDim.x) {
-    const uint32_t* ks = a.sig + ((int64_t(s) * a.n_head_kv + kvh) * a.ix_n_max + t) * W;
+  const stages st = resolve_stages(a.c, n);
+  const int64_t lo = st.n_sink, hi = n - st.n_local;
+  const bool do_hist = !st.dense && st.k > 0 && st.k < hi - lo;
+  const bool qw_shared = G <= 64;
+  for (int i = tid; i < G * k_max_words && qw_shared; i += blockDim.x)
+    qw[i] = a.qsig[(int64_t(s) * a.n_head_q + kvh * G) * k_max_words + i];
+  if (do_hist)
+    for (int i = tid; i < G * k_hist1; i += blockDim.x) shist[i] = 0;
+  __syncthreads();
+  const uint32_t* qsrc =
+      qw_shared ? qw : a.qsig + (int64_t(s) * a.n_head_q + kvh * G) * k_max_words;
+  for (int64_t tb = t0; tb < t1; tb += blockDim.x) {  // uniform trip count (hist_add)
+    const int64_t t = tb + tid;
+    const bool live = t < t1;
+    const uint32_t* ks =
+        a.sig + ((int64_t(s) * a.n_head_kv + kvh) * a.ix_n_max + (live ? t : t0)) * W;
     uint32_t kw[k_max_words];
-    for (int i = 0; i < W; ++i) kw[i] = ks[i];
+    if (W % 4 == 0) {
+#pragma unroll
+      for (int i = 0; i < k_max_words / 4; ++i) {
+        if (4 * i < W) {
+          const uint4 v = __ldg(reinterpret_cast<const uint4*>(ks) + i);
+          kw[4 * i] = v.x, kw[4 * i + 1] = v.y, kw[4 * i + 2] = v.z, kw[4 * i + 3] = v.w;
+        }
+      }
+    } else {
+#pragma unroll
+      for (int i = 0; i < k_max_words; ++i)
+        if (i < W) kw[i] = ks[i];
+    }
     for (int g = 0; g < G; ++g) {
-      const uint32_t* qw = a.qsig + (int64_t(s) * a.n_head_q + kvh * G + g) * k_max_words;
       int c = 0;
-      for (int i = 0; i < W; ++i) c += __popc(qw[i] ^ kw[i]);
-      a.scores[(int64_t(s) * a.n_head_q + kvh * G + g) * a.n_max + t] = uint32_t(a.c.pred_bits - c);
+#pragma unroll
+      for (int i = 0; i < k_max_words; ++i)
+        if (i < W) c += __popc(qsrc[g * k_max_words + i] ^ kw[i]);
+      const uint32_t score = uint32_t(a.c.pred_bits - c);
+      if (live) a.scores[(int64_t(s) * a.n_head_q + kvh * G + g) * a.n_max + t] = score;
+      if (do_hist) hist_add(shist + g * k_hist1, score, live && t >= lo && t < hi);
+    }
+  }
+  if (do_hist) {
+    __syncthreads();
+    for (int b = tid; b < G * k_hist1; b += blockDim.x) {
+      const int c = shist[b];
+      if (c)
+        atomicAdd(
+            &a.hist[(int64_t(s) * a.n_head_q + kvh * G + b / k_hist1) * k_hist_ints + b % k_hist1],
+            c);
     }
   }
 }
 
-// --- block-wide pieces of the selection ------------------------------------------------------
+// --- the radix select, over many blocks ----------------------------------------------------------
+//
+// Top-k of [lo, hi) by (key desc, position asc), key = order_key of the f32 logit (oracle) or the
+// sign score: the k-th key is found digit by digit from the top by histograms of the candidates
+// that share the digits chosen so far (each pass a grid over the positions, counting into a
+// global histogram with one atomic per distinct bin of a warp; the first histogram is built by the
+// scoring kernel), each level's digit then found by a small kernel per head (a block-wide suffix
+// scan of the histogram) and kept in the head's key_prefix record. Then the keys
+// equal to the k-th key are counted per chunk, and the flagging pass takes the keys above it and
+// the lowest positions among those equal (a block scan plus the counts of earlier chunks): the
+// set of the CPU's nth_element with its position tie-break, on any number of blocks.
 
-using scan_t = cub::BlockScan<int, k_sel_threads>;
+using pscan_t = cub::BlockScan<int, k_pass_threads>;
+using preduce_t = cub::BlockReduce<int, k_pass_threads>;
 
-struct sel_shared {
-  typename scan_t::TempStorage scan;
-  int hist[256];
-  int64_t i64[4];
-  uint32_t u32[4];
+struct pass_shared {
+  typename pscan_t::TempStorage scan;
+  int64_t i64[2];
+  uint32_t u32[2];
+  int i32[2];
 };
 
-// Top-k of [lo, hi) by (key desc, position asc) over key(t) = keys[t] (order_key of f32 bits
-// when `is_float`): a radix select of the k-th key by 8-bit digits from the top (histograms of
-// the candidates that share the digits chosen so far), then one ordered pass that flags the
-// keys above it and the lowest positions among those equal to it.
-__device__ void topk_select(const uint32_t* keys, bool is_float, int64_t lo, int64_t hi, int64_t k,
-                            uint8_t* flags, sel_shared& sh) {
-  const int tid = threadIdx.x;
-  const int64_t cnt = hi - lo;
-  if (k <= 0) return;
-  if (k >= cnt) {
-    for (int64_t t = lo + tid; t < hi; t += k_sel_threads) flags[t] = 1;
-    __syncthreads();
+struct radix_level {
+  int shift, bins, offset;  // digit position, bins, offset of its histogram in the head's block
+};
+__device__ inline radix_level radix_level_at(bool is_float, int i) {
+  if (!is_float) return {0, k_hist1, 0};
+  if (i == 0) return {24, 256, 0};
+  if (i == 1) return {12, k_hist2, k_hist1};
+  return {0, k_hist3, k_hist1 + k_hist2};
+}
+
+// The digit of the k-th largest candidate: bins scanned from the top; returns the bin where the
+// running count reaches kk and sets kk to its rank within that bin. Block-wide (every thread).
+__device__ uint32_t find_digit(const int32_t* hist, int bins, int64_t& kk, pass_shared& sh) {
+  const int tid = threadIdx.x, per = (bins + k_pass_threads - 1) / k_pass_threads;
+  // thread tid covers bins [top - per, top), top = bins - tid * per (thread 0: the highest)
+  const int top = bins - tid * per;
+  int sum = 0;
+  for (int b = top - 1; b >= 0 && b >= top - per; --b) sum += hist[b];
+  int before, total;
+  pscan_t(sh.scan).ExclusiveSum(sum, before, total);
+  if (tid == 0) sh.u32[0] = 0, sh.i64[0] = kk;
+  __syncthreads();
+  if (before < kk && kk <= int64_t(before) + sum) {
+    int64_t above = before;
+    for (int b = top - 1; b >= 0 && b >= top - per; --b) {
+      if (above + hist[b] >= kk) {
+        sh.u32[0] = uint32_t(b);
+        sh.i64[0] = kk - above;
+        break;
+      }
+      above += hist[b];
+    }
+  }
+  __syncthreads();
+  const uint32_t dg = sh.u32[0];
+  kk = sh.i64[0];
+  __syncthreads();
+  return dg;
+}
+
+__device__ __forceinline__ uint32_t key_at(const uint32_t* keys, bool is_float, int64_t t) {
+  const uint32_t x = keys[t];
+  return is_float ? order_key(__uint_as_float(x)) : x;
+}
+
+// What a pass needs about one query head's top-k: the candidate range, k, whether the radix
+// select runs at all (k < the range: else none or all of it is taken).
+struct topk_range {
+  int64_t lo, hi, k;
+  bool radix;
+};
+__device__ inline bool seq_ok(const run_kargs& a, int s, int32_t n) {
+  return n >= 1 && n <= a.n_max && seq_base(a, s, n, false) >= 0;
+}
+__device__ inline topk_range topk_of(const run_kargs& a, int32_t n) {
+  const stages st = resolve_stages(a.c, n);
+  topk_range r{st.n_sink, n - st.n_local, st.k, false};
+  r.radix = a.c.select == int32_t(selector::topk) && !st.dense && r.k > 0 && r.k < r.hi - r.lo;
+  return r;
+}
+
+// One digit level of the k-th key per (query head, sequence) from the finished histogram of that
+// level: grid (query head, sequence), k_pass_threads threads.
+__global__ void __launch_bounds__(k_pass_threads) digit_kernel(const run_kargs a, int level) {
+  __shared__ pass_shared sh;
+  const int h = blockIdx.x, s = blockIdx.y;
+  const int32_t n = a.seq_len[s];
+  if (!seq_ok(a, s, n)) return;
+  const topk_range r = topk_of(a, n);
+  if (!r.radix) return;
+  const bool is_float = a.c.pred == int32_t(predictor::oracle);
+  key_prefix* sel = a.sel + int64_t(s) * a.n_head_q + h;
+  key_prefix p = level == 0 ? key_prefix{0, 0, r.k} : *sel;
+  const radix_level lv = radix_level_at(is_float, level);
+  const uint32_t dg = find_digit(a.hist + (int64_t(s) * a.n_head_q + h) * k_hist_ints + lv.offset,
+                                 lv.bins, p.kk, sh);
+  p.prefix |= dg << lv.shift;
+  p.mask |= uint32_t(lv.bins - 1) << lv.shift;
+  if (threadIdx.x == 0) *sel = p;
+}
+
+// Radix histogram level `level` (1 or 2; level 0 came from scoring): grid (chunks, query head,
+// sequence).
+__global__ void __launch_bounds__(k_pass_threads) hist_pass(const run_kargs a, int level) {
+  __shared__ int hist[k_hist2];
+  const int c = blockIdx.x, h = blockIdx.y, s = blockIdx.z, tid = threadIdx.x;
+  const int32_t n = a.seq_len[s];
+  if (!seq_ok(a, s, n)) return;
+  const topk_range r = topk_of(a, n);
+  const int64_t c0 = max64(int64_t(c) * k_chunk, r.lo), c1 = min64(int64_t(c + 1) * k_chunk, r.hi);
+  if (!r.radix || c0 >= c1) return;
+  const bool is_float = a.c.pred == int32_t(predictor::oracle);
+  const key_prefix p = a.sel[int64_t(s) * a.n_head_q + h];
+  const radix_level lv = radix_level_at(is_float, level);
+  for (int b = tid; b < lv.bins; b += k_pass_threads) hist[b] = 0;
+  __syncthreads();
+  const uint32_t* keys = a.scores + (int64_t(s) * a.n_head_q + h) * a.n_max;
+  for (int64_t tb = c0; tb < c1; tb += k_pass_threads) {
+    const int64_t t = tb + tid;
+    const uint32_t x = t < c1 ? key_at(keys, is_float, t) : 0u;
+    hist_add(hist, (x >> lv.shift) & uint32_t(lv.bins - 1), t < c1 && (x & p.mask) == p.prefix);
+  }
+  __syncthreads();
+  int32_t* out = a.hist + (int64_t(s) * a.n_head_q + h) * k_hist_ints + lv.offset;
+  for (int b = tid; b < lv.bins; b += k_pass_threads)
+    if (hist[b]) atomicAdd(&out[b], hist[b]);
+}
+
+// Keys equal to the k-th key per chunk: grid (chunks, query head, sequence).
+__global__ void __launch_bounds__(k_pass_threads) eq_pass(const run_kargs a) {
+  __shared__ typename preduce_t::TempStorage red;
+  const int c = blockIdx.x, h = blockIdx.y, s = blockIdx.z, tid = threadIdx.x;
+  const int32_t n = a.seq_len[s];
+  if (!seq_ok(a, s, n)) return;
+  const topk_range r = topk_of(a, n);
+  if (!r.radix) return;
+  const int64_t c0 = max64(int64_t(c) * k_chunk, r.lo), c1 = min64(int64_t(c + 1) * k_chunk, r.hi);
+  int32_t* out = a.eq_count + (int64_t(s) * a.n_head_q + h) * a.n_chunks + c;
+  if (c0 >= c1) {
+    if (tid == 0) *out = 0;
     return;
   }
-  auto key_of = [&](int64_t t) {
-    const uint32_t x = keys[t];
-    return is_float ? order_key(__uint_as_float(x)) : x;
-  };
-  uint32_t prefix = 0, mask = 0;
-  int64_t kk = k;  // rank still to place among the candidates matching the prefix
-  for (int shift = is_float ? 24 : 8; shift >= 0; shift -= 8) {
-    for (int i = tid; i < 256; i += k_sel_threads) sh.hist[i] = 0;
-    __syncthreads();
-    for (int64_t t = lo + tid; t < hi; t += k_sel_threads) {
-      const uint32_t x = key_of(t);
-      if ((x & mask) == prefix) atomicAdd(&sh.hist[(x >> shift) & 255u], 1);
-    }
-    __syncthreads();
-    if (tid == 0) {
-      int64_t above = 0;
-      int dg = 255;
-      for (; dg > 0; --dg) {
-        if (above + sh.hist[dg] >= kk) break;
-        above += sh.hist[dg];
+  const bool is_float = a.c.pred == int32_t(predictor::oracle);
+  const key_prefix p = a.sel[int64_t(s) * a.n_head_q + h];
+  const uint32_t* keys = a.scores + (int64_t(s) * a.n_head_q + h) * a.n_max;
+  int cnt = 0;
+  for (int64_t t = c0 + tid; t < c1; t += k_pass_threads)
+    cnt += key_at(keys, is_float, t) == p.prefix;
+  cnt = preduce_t(red).Sum(cnt);
+  if (tid == 0) *out = cnt;
+}
+
+// F's flags over one chunk of a unit (sinks, local window, each unit head's top-k) and their
+// count: grid (chunks, unit, sequence). Thread tid owns positions c0 + 8 tid .. + 7 (the scans
+// keep position order).
+__global__ void __launch_bounds__(k_pass_threads) flag_pass(const run_kargs a) {
+  __shared__ pass_shared sh;
+  __shared__ typename preduce_t::TempStorage red;
+  const int c = blockIdx.x, u = blockIdx.y, s = blockIdx.z, tid = threadIdx.x;
+  const int32_t n = a.seq_len[s];
+  if (!seq_ok(a, s, n)) return;
+  const int64_t ui = int64_t(s) * a.n_units + u;
+  const int64_t c0 = int64_t(c) * k_chunk;
+  if (c0 >= n) return;
+  const stages st = resolve_stages(a.c, n);
+  if (st.dense) return;
+  const topk_range r = topk_of(a, n);
+  const int64_t p0 = c0 + int64_t(tid) * k_per_thread;
+  uint32_t f = 0;  // bit i: position p0 + i is in F
+#pragma unroll
+  for (int i = 0; i < k_per_thread; ++i) {
+    const int64_t t = p0 + i;
+    if (t < n && (t < st.n_sink || t >= n - st.n_local)) f |= 1u << i;
+  }
+  if (a.c.select == int32_t(selector::topk) && r.k > 0) {
+    const bool is_float = a.c.pred == int32_t(predictor::oracle);
+    const int h0 = a.c.gqa_shared ? u * a.group : u;
+    for (int x = 0; x < a.unit_heads; ++x) {
+      const int h = h0 + x;
+      if (!r.radix) {  // k covers the whole range
+#pragma unroll
+        for (int i = 0; i < k_per_thread; ++i)
+          if (p0 + i >= r.lo && p0 + i < r.hi) f |= 1u << i;
+        continue;
       }
-      sh.i64[0] = kk - above;
-      sh.u32[0] = uint32_t(dg);
+      const key_prefix p = a.sel[int64_t(s) * a.n_head_q + h];
+      const int32_t* eqc = a.eq_count + (int64_t(s) * a.n_head_q + h) * a.n_chunks;
+      int before = 0;
+      for (int i = tid; i < c; i += k_pass_threads) before += eqc[i];
+      before = preduce_t(red).Sum(before);
+      if (tid == 0) sh.i32[0] = before;
+      __syncthreads();
+      before = sh.i32[0];
+      const uint32_t* keys = a.scores + (int64_t(s) * a.n_head_q + h) * a.n_max;
+      uint32_t kx[k_per_thread];
+      int eq = 0;
+#pragma unroll
+      for (int i = 0; i < k_per_thread; ++i) {
+        const int64_t t = p0 + i;
+        kx[i] = (t >= r.lo && t < r.hi) ? key_at(keys, is_float, t) : 0u;
+        if (t >= r.lo && t < r.hi) eq += kx[i] == p.prefix;
+      }
+      int rank, total;
+      pscan_t(sh.scan).ExclusiveSum(eq, rank, total);
+      __syncthreads();
+      int64_t taken = int64_t(before) + rank;
+#pragma unroll
+      for (int i = 0; i < k_per_thread; ++i) {
+        const int64_t t = p0 + i;
+        if (t < r.lo || t >= r.hi) continue;
+        if (kx[i] > p.prefix) f |= 1u << i;
+        if (kx[i] == p.prefix) {
+          if (taken < p.kk) f |= 1u << i;
+          ++taken;
+        }
+      }
     }
-    __syncthreads();
-    kk = sh.i64[0];
-    prefix |= sh.u32[0] << shift;
-    mask |= 255u << shift;
-    __syncthreads();
   }
-  // prefix is the k-th key; kk of the keys equal to it are taken, lowest positions first.
-  int64_t taken = 0;
-  for (int64_t b = lo; b < hi; b += k_sel_threads) {
-    const int64_t t = b + tid;
-    uint32_t x = 0;
-    if (t < hi) x = key_of(t);
-    const int eq = (t < hi && x == prefix) ? 1 : 0;
-    int rank, total;
-    scan_t(sh.scan).ExclusiveSum(eq, rank, total);
-    if (t < hi && (x > prefix || (eq && taken + rank < kk))) flags[t] = 1;
-    taken += total;
-    __syncthreads();
-  }
+  uint8_t* flags = a.flags + ui * a.n_max;
+#pragma unroll
+  for (int i = 0; i < k_per_thread; ++i)
+    if (p0 + i < n) flags[p0 + i] = uint8_t((f >> i) & 1u);
+  const int cnt = preduce_t(red).Sum(__popc(f));
+  if (tid == 0) a.f_count[ui * a.n_chunks + c] = cnt;
 }
 
-// Appends the next `need` tokens of the walk (permutation positions from `pos`, members of F
-// skipped) to out; returns the position after the last one taken.
-__device__ int64_t walk(const vattn::detail::keyed_permutation& perm, int64_t n,
-                        const uint8_t* flags, int64_t pos, int64_t need, int32_t* out,
-                        sel_shared& sh) {
-  const int tid = threadIdx.x;
-  int64_t taken = 0;
-  while (taken < need) {
-    const int64_t p = pos + tid;
-    int32_t t = 0;
-    int keep = 0;
-    if (p < n) {
-      t = int32_t(perm(uint64_t(p)));
-      keep = flags[t] == 0;
-    }
-    int rank, total;
-    scan_t(sh.scan).ExclusiveSum(keep, rank, total);
-    if (keep && taken + rank < need) {
-      out[taken + rank] = t;
-      if (taken + rank == need - 1) sh.i64[1] = p + 1;
-    }
-    __syncthreads();
-    if (taken + total >= need) {
-      pos = sh.i64[1];
-      taken = need;
-    } else {
-      pos += k_sel_threads;
-      taken += total;
-    }
-    __syncthreads();
-  }
-  return pos;
+__device__ inline int sum_before(const int32_t* counts, int c, pass_shared& sh,
+                                 typename preduce_t::TempStorage& red) {
+  int x = 0;
+  for (int i = threadIdx.x; i < c; i += k_pass_threads) x += counts[i];
+  x = preduce_t(red).Sum(x);
+  if (threadIdx.x == 0) sh.i32[1] = x;
+  __syncthreads();
+  x = sh.i32[1];
+  __syncthreads();
+  return x;
 }
 
-__device__ inline int unit_first_head(const run_kargs& a, int u) {
-  return a.c.gqa_shared ? u * a.group : u;
-}
-
-// --- selection: F, the base sample ------------------------------------------------------------
-
-// Grid (unit, sequence), k_sel_threads threads.
-__global__ void __launch_bounds__(k_sel_threads) select_kernel(const run_kargs a) {
-  __shared__ sel_shared sh;
-  const int u = blockIdx.x, s = blockIdx.y, tid = threadIdx.x;
+// F compacted in ascending order, the unit's record (stage sizes, the dense fallbacks, bad
+// device-side values reported here): grid (chunks, unit, sequence).
+__global__ void __launch_bounds__(k_pass_threads) compact_pass(const run_kargs a) {
+  __shared__ pass_shared sh;
+  __shared__ typename preduce_t::TempStorage red;
+  const int c = blockIdx.x, u = blockIdx.y, s = blockIdx.z, tid = threadIdx.x;
   const int64_t ui = int64_t(s) * a.n_units + u;
   unit_rec* ur = a.units + ui;
   int32_t* list = a.list + ui * a.n_max;
-  uint8_t* flags = a.flags + ui * a.n_max;
+  const bool lead = c == 0 && tid == 0;
   const int32_t n = a.seq_len[s];
   bool bad = false;
   if (n < 1 || n > a.n_max) {
-    if (tid == 0) report_status(a.status, k_bad_seq_len, s, n, a.n_max, 0);
+    if (lead) report_status(a.status, k_bad_seq_len, s, n, a.n_max, 0);
     bad = true;
-  } else if (seq_base(a, s, n, tid == 0) < 0) {
+  } else if (seq_base(a, s, n, lead) < 0) {
     bad = true;
   } else if (a.c.pred == int32_t(predictor::sign_bits) && a.c.select == int32_t(selector::topk) &&
              a.ix_count[s] != n) {
-    if (tid == 0) report_status(a.status, k_bad_index_len, s, a.ix_count[s], n, 0);
+    if (lead) report_status(a.status, k_bad_index_len, s, a.ix_count[s], n, 0);
     bad = true;
   }
   if (bad) {
-    if (tid == 0) *ur = unit_rec{0, 0, 0, 0, 0, 0, 1};
+    if (lead) *ur = unit_rec{0, 0, 0, 0, 0, 1};
     return;
   }
+  const int64_t c0 = int64_t(c) * k_chunk;
+  if (c0 >= n) return;
+  const int n_chunks_here = int((n + k_chunk - 1) / k_chunk);
   const stages st = resolve_stages(a.c, n);
-  auto all_dense = [&]() {
-    for (int64_t t = tid; t < n; t += k_sel_threads) list[t] = int32_t(t);
-    if (tid == 0) *ur = unit_rec{n, n, 0, 0, 0, 1, 0};
-  };
-  if (st.dense) return all_dense();
-  for (int64_t t = tid; t < n; t += k_sel_threads)
-    flags[t] = (t < st.n_sink || t >= n - st.n_local) ? 1 : 0;
-  __syncthreads();
-  if (a.c.select == int32_t(selector::topk)) {
-    const int h0 = unit_first_head(a, u);
-    const bool is_float = a.c.pred == int32_t(predictor::oracle);
-    for (int x = 0; x < a.unit_heads; ++x)
-      topk_select(a.scores + (int64_t(s) * a.n_head_q + h0 + x) * a.n_max, is_float, st.n_sink,
-                  n - st.n_local, st.k, flags, sh);
-  }
-  __syncthreads();
-  // F ascending
-  int64_t n_f = 0;
-  for (int64_t b = 0; b < n; b += k_sel_threads) {
-    const int64_t t = b + tid;
-    const int f = (t < n && flags[t]) ? 1 : 0;
-    int rank, total;
-    scan_t(sh.scan).ExclusiveSum(f, rank, total);
-    if (f) list[n_f + rank] = int32_t(t);
-    n_f += total;
-    __syncthreads();
-  }
+  int64_t n_f = n;
+  if (!st.dense) n_f = sum_before(a.f_count + ui * a.n_chunks, n_chunks_here, sh, red);
   const int64_t n_s = n - n_f;
-  if (n_s < 2) return all_dense();
-  const int64_t m0 = first_draws(a.c, n_s);
-  int64_t pos = 0;
-  if (m0 > 0) {
-    // key head: the unit's index is the kv head (gqa_shared) or the query head
-    const int64_t seq_key = a.seq_id ? a.seq_id[s] : s;
-    const vattn::detail::keyed_permutation perm(
-        vattn::detail::sample_key(a.c.seed, a.c.layer, seq_key, u, a.step), uint64_t(n));
-    pos = walk(perm, n, flags, 0, m0, list + n_f, sh);
+  if (st.dense || n_s < 2) {  // attention over every token
+    for (int64_t t = c0 + tid; t < min64(c0 + k_chunk, int64_t(n)); t += k_pass_threads)
+      list[t] = int32_t(t);
+    if (lead) *ur = unit_rec{n, n, 0, 0, 1, 0};
+    return;
   }
-  if (tid == 0) *ur = unit_rec{n, n_f, n_s, m0, pos, 0, 0};
+  const int before = sum_before(a.f_count + ui * a.n_chunks, c, sh, red);
+  const uint8_t* flags = a.flags + ui * a.n_max;
+  const int64_t p0 = c0 + int64_t(tid) * k_per_thread;
+  uint32_t f = 0;
+#pragma unroll
+  for (int i = 0; i < k_per_thread; ++i)
+    if (p0 + i < n && flags[p0 + i]) f |= 1u << i;
+  int rank, total;
+  pscan_t(sh.scan).ExclusiveSum(__popc(f), rank, total);
+  int64_t at = int64_t(before) + rank;
+#pragma unroll
+  for (int i = 0; i < k_per_thread; ++i)
+    if ((f >> i) & 1u) list[at++] = int32_t(p0 + i);
+  if (lead) *ur = unit_rec{n, n_f, n_s, first_draws(a.c, n_s), 0, 0};
+}
+
+// The sample's budget b of a unit (after the moments): the largest over its heads (gqa_shared).
+__device__ inline int64_t unit_budget(const run_kargs& a, int s, int u, const unit_rec& ur) {
+  if (ur.dense || ur.skip) return 0;
+  int64_t b = 0;
+  if (a.c.sample == int32_t(sampling::fixed_rate)) b = ur.m0;
+  if (a.c.sample == int32_t(sampling::adaptive)) {
+    b = ur.m0;
+    const int h0 = a.c.gqa_shared ? u * a.group : u;
+    for (int x = 0; x < a.unit_heads; ++x)
+      b = max64(b, a.heads[int64_t(s) * a.n_head_q + h0 + x].b);
+  }
+  return b;
+}
+
+// The walk: permutation positions 0, 1, ... of the unit's keyed permutation, members of F
+// skipped; draw r is the r-th position kept. The first `need` draws lie within the first
+// n_f + need positions. walk_count (stage 0: draws [0, m0); stage 1: [m0, b)) evaluates the
+// chunks of positions below that bound not evaluated by an earlier stage, stores each position's
+// token (or -1 for a member of F) and counts the kept ones per chunk; walk_write ranks the kept
+// positions by the counts of earlier chunks and a block scan and writes draws [lo, hi) after F.
+// Grid (chunks, unit, sequence) for both; the permutation key's head is the unit's index (the
+// query head, or the kv head with gqa_shared), as on the CPU.
+struct walk_block {
+  int64_t ui;
+  unit_rec ur;
+  int64_t lo, hi;  // the draws of this stage
+  int64_t c0;      // the block's first permutation position
+};
+// The unit and draw range of a walk block; false when it has nothing to do.
+__device__ inline bool walk_setup(const run_kargs& a, int stage, walk_block& w) {
+  const int u = blockIdx.y, s = blockIdx.z;
+  w.ui = int64_t(s) * a.n_units + u;
+  w.ur = a.units[w.ui];
+  if (w.ur.skip || w.ur.dense || w.ur.m0 < 1) return false;
+  w.lo = stage == 0 ? 0 : w.ur.m0;
+  w.hi = stage == 0 ? w.ur.m0 : unit_budget(a, s, u, w.ur);
+  w.c0 = int64_t(blockIdx.x) * k_chunk;
+  return w.lo < w.hi && w.c0 < w.ur.n_f + w.hi;
+}
+
+__global__ void __launch_bounds__(k_pass_threads) walk_count(const run_kargs a, int stage) {
+  __shared__ typename preduce_t::TempStorage red;
+  walk_block w;
+  if (!walk_setup(a, stage, w)) return;
+  if (stage == 1 && w.c0 < w.ur.n_f + w.ur.m0) return;  // counted by stage 0
+  const int64_t n = w.ur.n;
+  const int64_t seq_key = a.seq_id ? a.seq_id[blockIdx.z] : blockIdx.z;
+  const vattn::detail::keyed_permutation perm(
+      vattn::detail::sample_key(a.c.seed, a.c.layer, seq_key, int32_t(blockIdx.y), a.step),
+      uint64_t(n));
+  const uint8_t* flags = a.flags + w.ui * a.n_max;
+  int32_t* tok = reinterpret_cast<int32_t*>(a.weights) + w.ui * a.n_max;
+  const int64_t p0 = w.c0 + int64_t(threadIdx.x) * k_per_thread;
+  int kept = 0;
+#pragma unroll
+  for (int i = 0; i < k_per_thread; ++i) {
+    const int64_t p = p0 + i;
+    if (p >= n) break;
+    const int32_t t = int32_t(perm(uint64_t(p)));
+    const bool keep = flags[t] == 0;
+    tok[p] = keep ? t : -1;
+    kept += keep;
+  }
+  kept = preduce_t(red).Sum(kept);
+  if (threadIdx.x == 0) a.w_count[w.ui * a.n_chunks + blockIdx.x] = kept;
+}
+
+__global__ void __launch_bounds__(k_pass_threads) walk_write(const run_kargs a, int stage) {
+  __shared__ pass_shared sh;
+  __shared__ typename preduce_t::TempStorage red;
+  walk_block w;
+  if (!walk_setup(a, stage, w)) return;
+  const int before = sum_before(a.w_count + w.ui * a.n_chunks, int(blockIdx.x), sh, red);
+  if (before >= w.hi) return;
+  const int64_t n = w.ur.n;
+  const int32_t* tok = reinterpret_cast<const int32_t*>(a.weights) + w.ui * a.n_max;
+  int32_t* out = a.list + w.ui * a.n_max + w.ur.n_f;
+  const int64_t p0 = w.c0 + int64_t(threadIdx.x) * k_per_thread;
+  int32_t tx[k_per_thread];
+  int kept = 0;
+#pragma unroll
+  for (int i = 0; i < k_per_thread; ++i) {
+    tx[i] = p0 + i < n ? tok[p0 + i] : -1;
+    kept += tx[i] >= 0;
+  }
+  int rank, total;
+  pscan_t(sh.scan).ExclusiveSum(kept, rank, total);
+  int64_t r = int64_t(before) + rank;
+#pragma unroll
+  for (int i = 0; i < k_per_thread; ++i) {
+    if (tx[i] < 0) continue;
+    if (r >= w.lo && r < w.hi) out[r] = tx[i];
+    ++r;
+  }
 }
 
 // --- moments and budgets per query head -------------------------------------------------------
@@ -435,12 +842,12 @@ using mreduce_t = cub::BlockReduce<double, k_mom_threads>;
 using freduce_t = cub::BlockReduce<float, k_mom_threads>;
 
 // Grid (query head, sequence), k_mom_threads threads. Logits of F and the base draws (stored
-// oracle logits, or computed in the CPU's order), the stabiliser c = their maximum, the weights
-// e = exp(l - c) by the CPU's exp, and the sums behind base_moments in double.
+// oracle logits by token, or the list logits score_kernel computed by list position), the
+// stabiliser c = their maximum, the weights e = exp(l - c) by the CPU's exp, and the sums behind
+// base_moments in double.
 template <dtype T>
 __global__ void __launch_bounds__(k_mom_threads) moments_kernel(const run_kargs a) {
   constexpr int D_MAX = 128, WARPS = k_mom_threads / 32;
-  __shared__ float qs[D_MAX];
   __shared__ union {
     typename mreduce_t::TempStorage d;
     typename freduce_t::TempStorage f;
@@ -454,30 +861,14 @@ __global__ void __launch_bounds__(k_mom_threads) moments_kernel(const run_kargs 
   if (ur.skip || ur.dense || ur.m0 < 1) return;
   const int32_t* list = a.list + (int64_t(s) * a.n_units + u) * a.n_max;
   const int64_t n_f = ur.n_f, m0 = ur.m0, L = n_f + m0;
-  uint32_t* lg_row = a.scores + (int64_t(s) * a.n_head_q + h) * a.n_max;
+  const uint32_t* lg_row = a.scores + (int64_t(s) * a.n_head_q + h) * a.n_max;
   const bool oracle =
       a.c.select != int32_t(selector::none) && a.c.pred == int32_t(predictor::oracle);
   const int64_t base = seq_base(a, s, int32_t(ur.n), false);
-  for (int i = tid; i < d; i += blockDim.x)
-    qs[i] = __fmul_rn(a.q[(int64_t(s) * a.n_head_q + h) * d + i], a.c.scale);
-  __syncthreads();
   const int warp = tid / 32, lane = tid % 32;
-  if (!oracle) {  // logits of the listed rows, stored by list position in this head's row
-    const int lanes = a.order.lanes, per_warp = 32 / lanes, sub = lane / lanes, ai = lane % lanes;
-    for (int64_t ib = int64_t(warp) * per_warp; ib < L; ib += int64_t(WARPS) * per_warp) {
-      const int64_t i = ib + sub;
-      const bool valid = i < L;
-      const int64_t row = valid ? row_of(a, s, base, list[i], kvh) : 0;
-      const float l = seg_dot<T>(qs, a.k, row, d, a.order, ai, valid);
-      if (valid && ai == 0) {
-        if (!isfinite(l)) report_status(a.status, k_bad_key, s, list[i], kvh, 0);
-        lg_row[i] = __float_as_uint(l);
-      }
-    }
-    __syncthreads();
-  }
   auto logit = [&](int64_t i) { return __uint_as_float(oracle ? lg_row[list[i]] : lg_row[i]); };
   float cmax = -INFINITY;
+#pragma unroll 4
   for (int64_t i = tid; i < L; i += blockDim.x) cmax = fmaxf(cmax, logit(i));
   cmax = freduce_t(red.f).Reduce(cmax, max_op());
   if (tid == 0) sc[0] = double(cmax);
@@ -485,6 +876,7 @@ __global__ void __launch_bounds__(k_mom_threads) moments_kernel(const run_kargs 
   const float c = float(sc[0]);
   __syncthreads();
   double d_f = 0, s_e = 0, s_ee = 0;
+#pragma unroll 4
   for (int64_t i = tid; i < L; i += blockDim.x) {
     const double e = double(cpu_exp(__fsub_rn(logit(i), c)));
     if (i < n_f) {
@@ -566,38 +958,22 @@ __global__ void __launch_bounds__(k_mom_threads) moments_kernel(const run_kargs 
   }
 }
 
-// --- finishing: the sample extended to b, lists, weights, stats, indices -----------------------
+// --- finishing: lists, weights, stats, indices ------------------------------------------------
 
-// Grid (unit, sequence), k_sel_threads threads.
+// Grid (unit, sequence), k_sel_threads threads (the sample was extended to b by walk_write).
 __global__ void __launch_bounds__(k_sel_threads) finish_kernel(const run_kargs a) {
-  __shared__ sel_shared sh;
   const int u = blockIdx.x, s = blockIdx.y, tid = threadIdx.x;
   const int64_t ui = int64_t(s) * a.n_units + u;
   const unit_rec ur = a.units[ui];
   int32_t* list = a.list + ui * a.n_max;
   float* wts = a.weights + ui * a.n_max;
-  const uint8_t* flags = a.flags + ui * a.n_max;
-  const int h0 = unit_first_head(a, u);
+  const int h0 = a.c.gqa_shared ? u * a.group : u;
   if (ur.skip) {
     if (tid == 0) list[0] = 0, wts[0] = 1.f, a.list_len[ui] = 1;
     return;
   }
   const int64_t n = ur.n, n_f = ur.n_f, m0 = ur.m0;
-  int64_t b = 0;
-  if (!ur.dense) {
-    if (a.c.sample == int32_t(sampling::fixed_rate)) b = m0;
-    if (a.c.sample == int32_t(sampling::adaptive)) {
-      b = m0;
-      for (int x = 0; x < a.unit_heads; ++x)
-        b = max64(b, a.heads[int64_t(s) * a.n_head_q + h0 + x].b);
-    }
-    if (b > m0) {
-      const int64_t seq_key = a.seq_id ? a.seq_id[s] : s;
-      const vattn::detail::keyed_permutation perm(
-          vattn::detail::sample_key(a.c.seed, a.c.layer, seq_key, u, a.step), uint64_t(n));
-      walk(perm, n, flags, ur.pos, b - m0, list + n_f + m0, sh);
-    }
-  }
+  const int64_t b = unit_budget(a, s, u, ur);
   const int64_t len = n_f + b;
   const float w = b > 0 ? float(double(ur.n_s) / double(b)) : 0.f;
   for (int64_t i = tid; i < len; i += k_sel_threads) wts[i] = i < n_f ? 1.f : w;
@@ -670,13 +1046,15 @@ constexpr size_t round256(size_t x) {
   return (x + 255) / 256 * 256;
 }
 struct run_layout {
-  size_t scores, qsig, flags, list, weights, list_len, units, heads, bytes;
+  size_t scores, qsig, hist, sel, eq_count, f_count, w_count, flags, list, weights, list_len, units,
+      heads, bytes;
 };
 run_layout run_layout_for(const config& cfg, int32_t n_seq, int32_t hq, int32_t hkv, int64_t n) {
   run_layout l{};
   if (cfg.dense) return l;
   const size_t units = size_t(n_seq) * size_t(cfg.gqa_shared ? hkv : hq);
   const size_t heads = size_t(n_seq) * size_t(hq);
+  const size_t chunks = size_t((n + k_chunk - 1) / k_chunk);
   size_t at = 0;
   auto take = [&at](size_t bytes) {
     const size_t p = at;
@@ -685,6 +1063,11 @@ run_layout run_layout_for(const config& cfg, int32_t n_seq, int32_t hq, int32_t 
   };
   l.scores = take(heads * size_t(n) * 4);
   l.qsig = take(heads * k_max_words * 4);
+  l.hist = take(heads * k_hist_ints * 4);
+  l.sel = take(heads * sizeof(key_prefix));
+  l.eq_count = take(heads * chunks * 4);
+  l.f_count = take(units * chunks * 4);
+  l.w_count = take(units * chunks * 4);
   l.flags = take(units * size_t(n));
   l.list = take(units * size_t(n) * 4);
   l.weights = take(units * size_t(n) * 4);
@@ -700,7 +1083,74 @@ void check(cudaError_t e, const char* what) {
     throw cuda_error(std::string("vattn::cuda: ") + what + ": " + cudaGetErrorString(e));
 }
 
+template <dtype T, int D>
+void launch_score_t(const run_kargs& k, dim3 grid, int list_mode, cudaStream_t stream) {
+  using tg = tile_geom<T, D>;
+  grid.x = unsigned((k.n_max + tg::k_tokens - 1) / tg::k_tokens);  // tokens, or list entries
+  const size_t shm = score_smem<T, D>(list_mode ? 1 : k.group);
+  score_kernel<T, D><<<grid, tg::k_tokens, shm, stream>>>(k, list_mode);
+  check(cudaGetLastError(), "scoring kernel launch");
+}
+template <dtype T>
+void launch_score_d(int32_t d, const run_kargs& k, dim3 grid, int list_mode, cudaStream_t stream) {
+  if (d == 64) return launch_score_t<T, 64>(k, grid, list_mode, stream);
+  return launch_score_t<T, 128>(k, grid, list_mode, stream);
+}
+void launch_score(dtype t, int32_t d, const run_kargs& k, dim3 grid, int list_mode,
+                  cudaStream_t stream) {
+  switch (t) {
+    case dtype::bf16:
+      return launch_score_d<dtype::bf16>(d, k, grid, list_mode, stream);
+    case dtype::f16:
+      return launch_score_d<dtype::f16>(d, k, grid, list_mode, stream);
+    case dtype::f32:
+      return launch_score_d<dtype::f32>(d, k, grid, list_mode, stream);
+  }
+}
+
+// Raises a kernel's dynamic shared-memory limit where `bytes` needs more than the default 48 KB.
+template <typename K>
+void allow_smem(K* kernel, size_t bytes, const char* what) {
+  if (bytes <= 48 * 1024) return;
+  int dev = 0, most = 0;
+  check(cudaGetDevice(&dev), "no usable CUDA device");
+  check(cudaDeviceGetAttribute(&most, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev),
+        "reading the shared-memory limit");
+  if (bytes > size_t(most))
+    throw error(std::string("vattn::cuda: ") + what + " needs " + std::to_string(bytes) +
+                " bytes of shared memory for this GQA group size; the device allows " +
+                std::to_string(most));
+  check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes)),
+        "raising the shared-memory limit");
+}
+template <dtype T, int D>
+void prepare_score(int32_t group) {
+  allow_smem(score_kernel<T, D>, score_smem<T, D>(group), "the oracle scoring kernel");
+}
+template <dtype T>
+void prepare_score_d(int32_t d, int32_t group) {
+  if (d == 64) return prepare_score<T, 64>(group);
+  return prepare_score<T, 128>(group);
+}
+
 }  // namespace
+
+// The plan's one-time device setup of run()'s kernels (shared-memory limits).
+void prepare_run(const config& cfg, dtype t, int32_t head_dim, int32_t group) {
+  if (cfg.dense) return;
+  switch (t) {
+    case dtype::bf16:
+      prepare_score_d<dtype::bf16>(head_dim, group);
+      break;
+    case dtype::f16:
+      prepare_score_d<dtype::f16>(head_dim, group);
+      break;
+    case dtype::f32:
+      prepare_score_d<dtype::f32>(head_dim, group);
+      break;
+  }
+  allow_smem(sign_scores, size_t(group) * k_hist1 * 4, "the sign scoring kernel");
+}
 
 // decode.cu: the host checks of dense() and sparse()
 void check_run_host(const params& p, int32_t n_head_q, const float* q, const kv_cache& kv,
@@ -822,19 +1272,7 @@ void plan::run(const run_args& a, void* workspace, size_t workspace_size, stream
 
   run_kargs k{};
   k.q = a.q;
-  k.k = kv.k;
-  k.v = kv.v;
-  k.stride_token = kv.stride_token;
-  k.stride_head = kv.stride_head;
-  k.stride_page = kv.stride_page;
-  k.paged = kv.layout == kv_layout::paged;
-  k.page_size = kv.page_size;
-  k.seq_len = kv.seq_len;
-  k.seq_start = kv.seq_start;
-  k.page_table = kv.page_table;
-  k.page_start = kv.page_start;
-  k.n_rows = kv.n_rows;
-  k.n_pages = kv.n_pages;
+  static_cast<kv_view&>(k) = make_kv_view(kv);
   k.n_max = int32_t(p_.n_tokens_max);
   k.n_head_q = p_.n_head_q;
   k.n_head_kv = p_.n_head_kv;
@@ -843,6 +1281,7 @@ void plan::run(const run_args& a, void* workspace, size_t workspace_size, stream
   k.unit_heads = cfg_.gqa_shared ? k.group : 1;
   k.n_units = cfg_.gqa_shared ? p_.n_head_kv : p_.n_head_q;
   k.es = int32_t(dtype_size(p_.kv_type));
+  k.n_chunks = int32_t((p_.n_tokens_max + k_chunk - 1) / k_chunk);
   k.order = dot_order_for_level(cpu_level_);
   k.step = a.step;
   k.seq_id = a.seq_id;
@@ -890,6 +1329,11 @@ void plan::run(const run_args& a, void* workspace, size_t workspace_size, stream
   char* rb = base + split_bytes_;
   k.scores = reinterpret_cast<uint32_t*>(rb + l.scores);
   k.qsig = reinterpret_cast<uint32_t*>(rb + l.qsig);
+  k.hist = reinterpret_cast<int32_t*>(rb + l.hist);
+  k.sel = reinterpret_cast<key_prefix*>(rb + l.sel);
+  k.eq_count = reinterpret_cast<int32_t*>(rb + l.eq_count);
+  k.f_count = reinterpret_cast<int32_t*>(rb + l.f_count);
+  k.w_count = reinterpret_cast<int32_t*>(rb + l.w_count);
   k.flags = reinterpret_cast<uint8_t*>(rb + l.flags);
   k.list = reinterpret_cast<int32_t*>(rb + l.list);
   k.weights = reinterpret_cast<float*>(rb + l.weights);
@@ -898,51 +1342,65 @@ void plan::run(const run_args& a, void* workspace, size_t workspace_size, stream
   k.heads = reinterpret_cast<head_rec*>(rb + l.heads);
 
   check(cudaMemsetAsync(k.status, 0, sizeof(device_status), stream), "clearing the status record");
-  if (cfg_.select == selector::topk) {
-    const unsigned hkv = unsigned(p_.n_head_kv);
+  auto stage = [&](const char* name) {
+    if (a.stage_hook) a.stage_hook(name, a.stage_ctx);
+  };
+  const unsigned hq = unsigned(p_.n_head_q), hkv = unsigned(p_.n_head_kv), ns = unsigned(n_seq);
+  const unsigned chunks = unsigned(k.n_chunks), nu = unsigned(k.n_units);
+  const bool topk = cfg_.select == selector::topk;
+  if (topk) {
+    prep_kernel<<<dim3(hq, ns), 256, 0, stream>>>(k, signs ? 1 : 0);
+    check(cudaGetLastError(), "preparation kernel launch");
     if (signs) {
-      query_signatures<<<dim3(p_.n_head_q, n_seq), k_score_threads, 0, stream>>>(k);
-      check(cudaGetLastError(), "signature kernel launch");
       const unsigned blocks = unsigned((p_.n_tokens_max + k_sign_tokens - 1) / k_sign_tokens);
-      sign_scores<<<dim3(blocks, hkv, n_seq), k_score_threads, 0, stream>>>(k);
+      const size_t shm = size_t(k.group) * k_hist1 * 4;
+      sign_scores<<<dim3(blocks, hkv, ns), k_sign_threads, shm, stream>>>(k);
       check(cudaGetLastError(), "sign scoring kernel launch");
     } else {
-      const unsigned blocks = unsigned((p_.n_tokens_max + k_score_tokens - 1) / k_score_tokens);
-      const size_t shm = size_t(k.group) * p_.head_dim * sizeof(float);
-      switch (p_.kv_type) {
-        case dtype::bf16:
-          oracle_scores<dtype::bf16><<<dim3(blocks, hkv, n_seq), k_score_threads, shm, stream>>>(k);
-          break;
-        case dtype::f16:
-          oracle_scores<dtype::f16><<<dim3(blocks, hkv, n_seq), k_score_threads, shm, stream>>>(k);
-          break;
-        case dtype::f32:
-          oracle_scores<dtype::f32><<<dim3(blocks, hkv, n_seq), k_score_threads, shm, stream>>>(k);
-          break;
+      launch_score(p_.kv_type, p_.head_dim, k, dim3(0, hkv, ns), 0, stream);
+    }
+    stage("score");
+    for (int level = 0; level < (signs ? 1 : 3); ++level) {
+      if (level > 0) {
+        hist_pass<<<dim3(chunks, hq, ns), k_pass_threads, 0, stream>>>(k, level);
+        check(cudaGetLastError(), "histogram pass launch");
       }
-      check(cudaGetLastError(), "oracle scoring kernel launch");
+      digit_kernel<<<dim3(hq, ns), k_pass_threads, 0, stream>>>(k, level);
+      check(cudaGetLastError(), "digit kernel launch");
     }
+    eq_pass<<<dim3(chunks, hq, ns), k_pass_threads, 0, stream>>>(k);
+    check(cudaGetLastError(), "equal-key count launch");
   }
-  const dim3 ugrid(unsigned(k.n_units), unsigned(n_seq));
-  select_kernel<<<ugrid, k_sel_threads, 0, stream>>>(k);
-  check(cudaGetLastError(), "selection kernel launch");
+  flag_pass<<<dim3(chunks, nu, ns), k_pass_threads, 0, stream>>>(k);
+  check(cudaGetLastError(), "flag pass launch");
+  compact_pass<<<dim3(chunks, nu, ns), k_pass_threads, 0, stream>>>(k);
+  check(cudaGetLastError(), "compaction launch");
+  stage("select");
   if (cfg_.sample != sampling::none) {
-    const dim3 hgrid(unsigned(p_.n_head_q), unsigned(n_seq));
-    switch (p_.kv_type) {
-      case dtype::bf16:
-        moments_kernel<dtype::bf16><<<hgrid, k_mom_threads, 0, stream>>>(k);
-        break;
-      case dtype::f16:
-        moments_kernel<dtype::f16><<<hgrid, k_mom_threads, 0, stream>>>(k);
-        break;
-      case dtype::f32:
-        moments_kernel<dtype::f32><<<hgrid, k_mom_threads, 0, stream>>>(k);
-        break;
+    walk_count<<<dim3(chunks, nu, ns), k_pass_threads, 0, stream>>>(k, 0);
+    check(cudaGetLastError(), "walk count launch");
+    walk_write<<<dim3(chunks, nu, ns), k_pass_threads, 0, stream>>>(k, 0);
+    check(cudaGetLastError(), "walk launch");
+    stage("sample");
+    const bool oracle = topk && cfg_.pred == predictor::oracle;
+    if (!oracle) {  // logits of F and the base draws, by list position
+      launch_score(p_.kv_type, p_.head_dim, k, dim3(0, hq, ns), 1, stream);
+      stage("list logits");
     }
+    auto* moments = p_.kv_type == dtype::bf16  ? moments_kernel<dtype::bf16>
+                    : p_.kv_type == dtype::f16 ? moments_kernel<dtype::f16>
+                                               : moments_kernel<dtype::f32>;
+    moments<<<dim3(hq, ns), k_mom_threads, 0, stream>>>(k);
     check(cudaGetLastError(), "moments kernel launch");
+    stage("moments");
+    walk_count<<<dim3(chunks, nu, ns), k_pass_threads, 0, stream>>>(k, 1);
+    check(cudaGetLastError(), "walk count launch");
+    walk_write<<<dim3(chunks, nu, ns), k_pass_threads, 0, stream>>>(k, 1);
+    check(cudaGetLastError(), "walk launch");
   }
-  finish_kernel<<<ugrid, k_sel_threads, 0, stream>>>(k);
+  finish_kernel<<<dim3(nu, ns), k_sel_threads, 0, stream>>>(k);
   check(cudaGetLastError(), "finishing kernel launch");
+  stage("finish");
 
   sparse_args sa;
   sa.n_head_q = a.n_head_q;
@@ -956,6 +1414,7 @@ void plan::run(const run_args& a, void* workspace, size_t workspace_size, stream
   sa.out = a.out;
   sa.scale = c.scale;
   enqueue_sparse(sa, workspace, stream, false);
+  stage("attend");
 }
 
 }  // namespace vattn::cuda

@@ -3,12 +3,15 @@
 // measured in the same run. Median of repeated runs timed with CUDA events; inputs rotate over
 // copies so each run reads device memory, not L2.
 //
-// End-to-end rows (plan::run): vAttention with the paper's config (sink 128, local 128, oracle
-// top-k 5%, base 5%, eps = delta = 0.05, denominator mode), per head and gqa_shared, and oracle
-// top-k alone: time, speed-up over dense, mean density and the relative output error against the
-// dense output of the same inputs (mean and max over heads).
+// End-to-end rows (plan::run): vAttention with the paper's config (sink 128, local 128, top-k 5%,
+// base 5%, eps = delta = 0.05, denominator mode), per head and gqa_shared, and top-k alone, with
+// the oracle predictor and with 128 sign bits: time, speed-up over dense, mean density, the
+// relative output error against the dense output of the same inputs (mean and max over heads),
+// and the median time of each stage (events between the stages).
 //
-// Usage: bench_cuda [contexts] [batches], e.g. bench_cuda 8192,32768,131072 1,16
+// Usage: bench_cuda [contexts] [batches] [end-to-end variants], e.g. bench_cuda 8192,32768,131072
+// 1,16 0,3 (variants: 0 vattention, 1 vattention gqa_shared, 2 oracle top-k, 3-5 the same with
+// the sign-bit predictor; default all).
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -16,12 +19,15 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
+#include <iterator>
+#include <memory>
 #include <random>
 #include <stdexcept>
 #include <string>
 #include <vector>
 
 #include "core/dtype.hpp"
+#include "cpu/predictors.hpp"
 #include "cuda/cuda_attention.hpp"
 
 namespace {
@@ -66,6 +72,8 @@ double median_us(int warm, int reps, F&& fn) {
   return 1e3 * ms[ms.size() / 2];
 }
 
+constexpr int64_t k_tile_rows = 8192;  // fill_bf16's tile in rows of 8 kv heads x 128 dims
+
 // Fills `bytes` of device memory with bf16 values ~ N(mean, sd) (a 16 MiB host tile repeated).
 void fill_bf16(void* dst, size_t bytes, uint32_t seed, float mean, float sd) {
   const size_t tile = std::min<size_t>(bytes, size_t(16) << 20) / 2;
@@ -79,12 +87,104 @@ void fill_bf16(void* dst, size_t bytes, uint32_t seed, float mean, float sd) {
        "fill");
 }
 
+// Events around the stages of plan::run (its stage_hook), on the legacy default stream: event 0
+// before the run, event i + 1 after stage i; per stage the median time over the runs kept.
+struct stage_timer {
+  std::vector<std::string> names;
+  std::vector<cudaEvent_t> ev;
+  std::vector<std::vector<float>> ms;  // [stage][run]
+  size_t at = 0;                       // the next event to record
+
+  static void hook(const char* stage, void* ctx) {
+    auto* t = static_cast<stage_timer*>(ctx);
+    if (t->names.size() < t->at) t->names.emplace_back(stage);
+    t->record();
+  }
+  void record() {
+    if (ev.size() <= at) {
+      ev.emplace_back();
+      ck(cudaEventCreate(&ev.back()), "event");
+    }
+    ck(cudaEventRecord(ev[at]), "record");
+    ++at;
+  }
+  void begin() {
+    at = 0;
+    record();
+  }
+  void end(bool keep) {
+    ck(cudaEventSynchronize(ev[at - 1]), "sync");
+    if (!keep) return;
+    if (ms.size() < at - 1) ms.resize(at - 1);
+    for (size_t i = 1; i < at; ++i) {
+      float t = 0;
+      ck(cudaEventElapsedTime(&t, ev[i - 1], ev[i]), "elapsed");
+      ms[i - 1].push_back(t);
+    }
+  }
+  std::string summary() {
+    std::string out;
+    for (size_t i = 0; i < ms.size() && i < names.size(); ++i) {
+      std::sort(ms[i].begin(), ms[i].end());
+      char buf[96];
+      std::snprintf(buf, sizeof buf, "%s%s %.1f", i ? ", " : "", names[i].c_str(),
+                    1e3 * ms[i][ms[i].size() / 2]);
+      out += buf;
+    }
+    for (cudaEvent_t e : ev) cudaEventDestroy(e);
+    ev.clear();
+    return out;
+  }
+};
+
+// The device mirror of a sign-bit index for `batch` sequences of n tokens whose K (bf16,
+// [row, kv head, d], packed) repeats every k_tile_rows rows: one tile's signatures computed by
+// the CPU's predictor_index, copied to every tile of every sequence (filled directly: a bench
+// shortcut; a real caller uses device_index::upload after predictor_index::update).
+std::unique_ptr<vattn::cuda::device_index> sign_mirror(const vattn::config& cfg, const void* k,
+                                                       int32_t batch, int64_t n, int32_t hq,
+                                                       int32_t hkv, int32_t d) {
+  vattn::plan_params tp;
+  tp.n_seq_max = 1, tp.n_head_q = hq, tp.n_head_kv = hkv, tp.head_dim = d;
+  tp.n_tokens_max = k_tile_rows, tp.kv_type = vattn::dtype::bf16;
+  vattn::predictor_index tile(cfg, tp);
+  std::vector<uint16_t> hk(size_t(k_tile_rows) * hkv * d);
+  ck(cudaMemcpy(hk.data(), k, hk.size() * 2, cudaMemcpyDeviceToHost), "download");
+  const int32_t len = k_tile_rows;
+  vattn::kv_cache kv;
+  kv.type = vattn::dtype::bf16;
+  kv.n_head_kv = hkv, kv.head_dim = d, kv.n_seq = 1, kv.seq_len = &len;
+  kv.n_rows = k_tile_rows, kv.k = hk.data(), kv.v = hk.data();
+  tile.update(kv);
+  vattn::plan_params fp = tp;
+  fp.n_seq_max = batch, fp.n_tokens_max = n;
+  const vattn::predictor_index full(cfg, fp);  // same seed and shapes: the same projections
+  auto dix = std::make_unique<vattn::cuda::device_index>(full);
+  const std::vector<uint32_t>& sig = tile.data().sig;
+  const size_t words = size_t(cfg.pred_bits / 32);
+  uint32_t* dst = const_cast<uint32_t*>(dix->signatures());
+  for (int32_t s = 0; s < batch; ++s)
+    for (int32_t h = 0; h < hkv; ++h)
+      for (int64_t t0 = 0; t0 < n; t0 += k_tile_rows)
+        ck(cudaMemcpy(dst + ((size_t(s) * hkv + h) * n + t0) * words,
+                      sig.data() + size_t(h) * k_tile_rows * words, k_tile_rows * words * 4,
+                      cudaMemcpyHostToDevice),
+           "signatures");
+  const std::vector<int64_t> counts(batch, n);
+  ck(cudaMemcpy(const_cast<int64_t*>(dix->counts()), counts.data(), counts.size() * 8,
+                cudaMemcpyHostToDevice),
+     "counts");
+  return dix;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
   std::setvbuf(stdout, nullptr, _IOLBF, 0);
   const std::vector<int64_t> contexts = parse_list(argc > 1 ? argv[1] : "8192,32768,131072");
   const std::vector<int64_t> batches = parse_list(argc > 2 ? argv[2] : "1,16");
+  const std::vector<int64_t> pick = parse_list(argc > 3 ? argv[3] : "0,1,2,3,4,5");
+  auto picked = [&](size_t v) { return std::count(pick.begin(), pick.end(), int64_t(v)) > 0; };
   const int32_t n_head_q = 32, n_head_kv = 8, d = 128;  // Llama-3.1-8B, one layer
   const double density = 0.05;
 
@@ -206,13 +306,37 @@ int main(int argc, char** argv) {
       pl.dense(da, ws, pl.workspace_bytes(), nullptr);
       ck(cudaMemcpy(ref.data(), out, ref.size() * 4, cudaMemcpyDeviceToHost), "download");
       struct e2e_row {
-        const char* name;
+        std::string name;
         double us, density, err_mean, err_max;
+        std::string stages;
       };
       std::vector<e2e_row> e2e;
-      for (int variant = 0; variant < 3; ++variant) {
-        vattn::config cfg = vattn::method_config(variant == 2 ? "topk" : "vattention");
-        cfg.gqa_shared = variant == 1;
+      // The sign-bit mirror: K repeats every k_tile_rows rows (fill_bf16's tile, each sequence
+      // starting on a tile), so the signatures of one tile, computed once on the CPU, are every
+      // sequence's; they are copied into the device mirror directly (bench only).
+      vattn::config sign_cfg = vattn::method_config("vattention");
+      sign_cfg.pred = vattn::predictor::sign_bits;
+      sign_cfg.pred_bits = 128;
+      std::unique_ptr<vattn::cuda::device_index> dix;
+      if (n % k_tile_rows == 0)
+        dix = sign_mirror(sign_cfg, k, int32_t(batch), n, n_head_q, n_head_kv, d);
+      struct variant {
+        const char* name;
+        const char* method;
+        bool shared, signs;
+      };
+      const variant variants[] = {{"vattention", "vattention", false, false},
+                                  {"vattention gqa_shared", "vattention", true, false},
+                                  {"topk (oracle 5%)", "topk", false, false},
+                                  {"vattention signs", "vattention", false, true},
+                                  {"vattention signs gqa_shared", "vattention", true, true},
+                                  {"topk (signs 5%)", "topk", false, true}};
+      for (size_t vi = 0; vi < std::size(variants); ++vi) {
+        const variant& vr = variants[vi];
+        if (!picked(vi) || (vr.signs && !dix)) continue;
+        vattn::config cfg = vattn::method_config(vr.method);
+        cfg.gqa_shared = vr.shared;
+        if (vr.signs) cfg.pred = sign_cfg.pred, cfg.pred_bits = sign_cfg.pred_bits;
         const vattn::cuda::plan pv(p, cfg);
         void* wsv = nullptr;
         ck(cudaMalloc(&wsv, pv.workspace_bytes()), "malloc ws");
@@ -224,10 +348,22 @@ int main(int argc, char** argv) {
         ra.q = q;
         ra.kv = da.kv;
         ra.out = out;
+        ra.index = vr.signs ? dix.get() : nullptr;
         const double us = median_us(3, 15, [&](int r) {
           ra.kv.k = at(k, r % copies), ra.kv.v = at(v, r % copies);
           pv.run(ra, wsv, pv.workspace_bytes(), nullptr);
         });
+        // where the time goes: an event after each stage (run_args::stage_hook)
+        stage_timer tm;
+        ra.stage_hook = &stage_timer::hook;
+        ra.stage_ctx = &tm;
+        for (int r = 0; r < 12; ++r) {
+          ra.kv.k = at(k, r % copies), ra.kv.v = at(v, r % copies);
+          tm.begin();
+          pv.run(ra, wsv, pv.workspace_bytes(), nullptr);
+          tm.end(r >= 2);
+        }
+        ra.stage_hook = nullptr;
         ra.kv.k = at(k, 0), ra.kv.v = at(v, 0);
         ra.stats = st;
         pv.run(ra, wsv, pv.workspace_bytes(), nullptr);
@@ -236,10 +372,7 @@ int main(int argc, char** argv) {
         ck(cudaMemcpy(hs.data(), st, nh * sizeof(vattn::head_stats), cudaMemcpyDeviceToHost),
            "download");
         ck(cudaMemcpy(got.data(), out, got.size() * 4, cudaMemcpyDeviceToHost), "download");
-        e2e_row row{variant == 0   ? "vattention"
-                    : variant == 1 ? "vattention gqa_shared"
-                                   : "topk (oracle 5%)",
-                    us, 0, 0, 0};
+        e2e_row row{vr.name, us, 0, 0, 0, tm.summary()};
         for (size_t h = 0; h < nh; ++h) {
           double num = 0, den = 0;
           for (int32_t j = 0; j < d; ++j) {
@@ -261,11 +394,13 @@ int main(int argc, char** argv) {
       std::printf("%8lld %5lld %6d | %9.1f %8.0f %6.1f%% | %9.1f %8.0f %7.1fx\n", (long long)n,
                   (long long)batch, pl.dense_splits(int32_t(batch)), dense_us, dense_gbs,
                   100.0 * dense_gbs / copy_gbs, sparse_us, sparse_gbs, dense_us / sparse_us);
-      for (const e2e_row& r : e2e)
+      for (const e2e_row& r : e2e) {
         std::printf(
-            "%8s %5s %6s |   e2e %-22s %9.1f us %6.2fx  density %.3f  rel err mean "
+            "%8s %5s %6s |   e2e %-28s %9.1f us %6.2fx  density %.3f  rel err mean "
             "%.4f max %.4f\n",
-            "", "", "", r.name, r.us, dense_us / r.us, r.density, r.err_mean, r.err_max);
+            "", "", "", r.name.c_str(), r.us, dense_us / r.us, r.density, r.err_mean, r.err_max);
+        std::printf("%8s %5s %6s |       stages (median us): %s\n", "", "", "", r.stages.c_str());
+      }
       for (void* ptr : {static_cast<void*>(k), static_cast<void*>(v), static_cast<void*>(q),
                         static_cast<void*>(out), static_cast<void*>(seq_len),
                         static_cast<void*>(idx), static_cast<void*>(w), static_cast<void*>(ll), ws})

@@ -103,6 +103,7 @@ struct gpu_batch {
   dev<int64_t> page_start;
   kv_cache kv;  // device pointers
   size_t n_out = 0;
+  int32_t n_head_q = 0;
 
   explicit gpu_batch(const batch& b)
       : q(b.q),
@@ -111,6 +112,7 @@ struct gpu_batch {
         seq_len(b.seq_len),
         page_table(b.page_table),
         page_start(b.page_start) {
+    n_head_q = b.n_head_q;
     n_out = b.seq_len.size() * size_t(b.n_head_q) * b.d;
     out = dev<float>(n_out + k_guard);
     kv.layout = b.layout;
@@ -129,6 +131,16 @@ struct gpu_batch {
       kv.n_pages = b.n_pages;
     }
   }
+  // dense_args, sparse_args or run_args over this batch: its heads, q, kv and output.
+  template <typename A>
+  A args() const {
+    A a;
+    a.n_head_q = n_head_q;
+    a.q = q.get();
+    a.kv = kv;
+    a.out = out.get();
+    return a;
+  }
   // Output NaN (so an unwritten element cannot pass), guards set.
   void poison() {
     std::vector<float> h(n_out + k_guard, std::nanf(""));
@@ -145,8 +157,10 @@ struct gpu_batch {
   }
 };
 
-cuda::params cuda_params_for(const batch& b) {
-  cuda::params p;
+// The plan shapes of a batch (cuda::params or vattn::plan_params).
+template <typename P>
+P params_for(const batch& b) {
+  P p;
   p.n_seq_max = int32_t(b.seq_len.size());
   p.n_head_q = b.n_head_q;
   p.n_head_kv = b.n_head_kv;
@@ -155,15 +169,11 @@ cuda::params cuda_params_for(const batch& b) {
   p.kv_type = b.type;
   return p;
 }
-
+cuda::params cuda_params_for(const batch& b) {
+  return params_for<cuda::params>(b);
+}
 plan_params cpu_params_for(const batch& b) {
-  plan_params p;
-  p.n_seq_max = int32_t(b.seq_len.size());
-  p.n_head_q = b.n_head_q;
-  p.n_head_kv = b.n_head_kv;
-  p.head_dim = b.d;
-  p.n_tokens_max = b.n_max();
-  p.kv_type = b.type;
+  plan_params p = params_for<plan_params>(b);
   p.n_threads = 2;
   return p;
 }
@@ -181,11 +191,7 @@ std::vector<float> run_cpu(const config& cfg, batch& b, uint64_t step = 3) {
 std::vector<float> run_gpu_dense(const batch& b, gpu_batch& g) {
   const cuda::plan p(cuda_params_for(b));
   dev<uint8_t> ws(p.workspace_bytes());
-  cuda::dense_args a;
-  a.n_head_q = b.n_head_q;
-  a.q = g.q.get();
-  a.kv = g.kv;
-  a.out = g.out.get();
+  auto a = g.args<cuda::dense_args>();
   g.poison();
   p.dense(a, ws.get(), ws.size(), nullptr);
   cuda::check_errors(ws.get(), nullptr);
@@ -226,6 +232,23 @@ void expect_error(F&& f, const std::string& needle) {
 // any wrong index, row or weight (those give NMSE >= 1e-4).
 constexpr double k_nmse_bound = 1e-9;
 
+// The GPU output against the double reference and the CPU path's output: both NMSEs under
+// k_nmse_bound; the worst of each and the cases kept.
+struct nmse_worst {
+  double ref = 0, cpu = 0;
+  int cases = 0;
+  void check(const std::vector<float>& got, const std::vector<double>& r,
+             const std::vector<float>& c) {
+    const double e_ref = test::nmse(got.data(), r.data(), got.size());
+    const double e_cpu = test::nmse(got.data(), c.data(), got.size());
+    EXPECT_LT(e_ref, k_nmse_bound);
+    EXPECT_LT(e_cpu, k_nmse_bound);
+    ref = std::max(ref, e_ref);
+    cpu = std::max(cpu, e_cpu);
+    ++cases;
+  }
+};
+
 TEST(cuda_dense, matches_reference_and_cpu) {
   REQUIRE_GPU();
   struct shape {
@@ -237,7 +260,7 @@ TEST(cuda_dense, matches_reference_and_cpu) {
   const int32_t page_sizes[] = {16, 5, 64};
   int cases = 0;
   for (int ti = 0; ti < 3; ++ti) {
-    double worst_ref = 0, worst_cpu = 0;
+    nmse_worst worst;
     for (kv_layout layout : {kv_layout::contiguous, kv_layout::paged}) {
       for (const shape& sh : shapes) {
         for (size_t li = 0; li < lens.size(); ++li) {
@@ -255,18 +278,13 @@ TEST(cuda_dense, matches_reference_and_cpu) {
           const std::vector<double> ref = reference_dense(b);
           const std::vector<float> cpu = run_cpu(method_config("dense"), b);
           ASSERT_TRUE(all_finite(gpu));
-          const double e_ref = test::nmse(gpu.data(), ref.data(), gpu.size());
-          const double e_cpu = test::nmse(gpu.data(), cpu.data(), gpu.size());
-          EXPECT_LT(e_ref, k_nmse_bound);
-          EXPECT_LT(e_cpu, k_nmse_bound);
-          worst_ref = std::max(worst_ref, e_ref);
-          worst_cpu = std::max(worst_cpu, e_cpu);
-          ++cases;
+          worst.check(gpu, ref, cpu);
         }
       }
     }
     std::printf("[cuda dense] %-4s: worst NMSE vs reference %.2e, vs CPU path %.2e\n",
-                dtype_name(types[ti]), worst_ref, worst_cpu);
+                dtype_name(types[ti]), worst.ref, worst.cpu);
+    cases += worst.cases;
   }
   std::printf("[cuda dense] %d cases\n", cases);
 }
@@ -361,11 +379,7 @@ TEST(cuda_dense, graph_capture_replays_the_same_result) {
   gpu_batch g(b);
   const cuda::plan p(cuda_params_for(b));
   dev<uint8_t> ws(p.workspace_bytes());
-  cuda::dense_args a;
-  a.n_head_q = b.n_head_q;
-  a.q = g.q.get();
-  a.kv = g.kv;
-  a.out = g.out.get();
+  auto a = g.args<cuda::dense_args>();
   cudaStream_t stream;
   ck(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), "stream");
   g.poison();
@@ -486,16 +500,12 @@ std::vector<float> run_gpu_sparse(const batch& b, gpu_batch& g, const lists& L, 
   dev<uint8_t> ws(p.workspace_bytes());
   dev<int32_t> idx(L.idx), len(L.len);
   dev<float> w(L.w);
-  cuda::sparse_args a;
-  a.n_head_q = b.n_head_q;
-  a.q = g.q.get();
-  a.kv = g.kv;
+  auto a = g.args<cuda::sparse_args>();
   a.per_group = per_group;
   a.indices = idx.get();
   a.weights = w.get();
   a.list_len = len.get();
   a.list_stride = L.stride;
-  a.out = g.out.get();
   g.poison();
   p.sparse(a, ws.get(), ws.size(), nullptr);
   cuda::check_errors(ws.get(), nullptr);
@@ -531,8 +541,8 @@ TEST(cuda_sparse, reproduces_cpu_vattention_from_its_lists) {
   const shape shapes[] = {{8, 2, 128}, {4, 4, 64}};
   const std::vector<std::vector<int32_t>> lens = {{5000}, {300}, {5000, 300, 7}};
   const bool gpu = gpu_missing().empty();
-  double worst_ref = 0, worst_cpu = 0, worst_cpu_lists = 0;
-  int cases = 0;
+  nmse_worst worst;
+  double worst_cpu_lists = 0;
   for (const method_case& mc : methods) {
     const config cfg = sparse_config(mc.method, mc.shared);
     for (dtype type : {dtype::bf16, dtype::f16}) {
@@ -557,13 +567,7 @@ TEST(cuda_sparse, reproduces_cpu_vattention_from_its_lists) {
             gpu_batch g(b);
             const std::vector<float> out = run_gpu_sparse(b, g, L, mc.shared);
             ASSERT_TRUE(all_finite(out));
-            const double e_ref = test::nmse(out.data(), ref.data(), out.size());
-            const double e_cpu = test::nmse(out.data(), cpu.data(), out.size());
-            EXPECT_LT(e_ref, k_nmse_bound);
-            EXPECT_LT(e_cpu, k_nmse_bound);
-            worst_ref = std::max(worst_ref, e_ref);
-            worst_cpu = std::max(worst_cpu, e_cpu);
-            ++cases;
+            worst.check(out, ref, cpu);
           }
         }
       }
@@ -573,7 +577,7 @@ TEST(cuda_sparse, reproduces_cpu_vattention_from_its_lists) {
               worst_cpu_lists);
   if (!gpu) GTEST_SKIP() << gpu_missing() << " (the CPU-side checks ran and passed)";
   std::printf("[cuda sparse] %d cases: worst NMSE vs double over the lists %.2e, vs CPU %.2e\n",
-              cases, worst_ref, worst_cpu);
+              worst.cases, worst.ref, worst.cpu);
 }
 
 // --------------------------------------------------------------------------------------------
@@ -678,11 +682,7 @@ TEST(cuda_errors, bad_run_arguments) {
   gpu_batch g(b);
   const cuda::plan p(cuda_params_for(b));
   dev<uint8_t> ws(p.workspace_bytes());
-  cuda::dense_args good;
-  good.n_head_q = b.n_head_q;
-  good.q = g.q.get();
-  good.kv = g.kv;
-  good.out = g.out.get();
+  auto good = g.args<cuda::dense_args>();
   auto dense_with = [&](auto change, const std::string& needle, size_t ws_size = 0) {
     cuda::dense_args a = good;
     change(a);
@@ -707,11 +707,7 @@ TEST(cuda_errors, bad_run_arguments) {
   dense_with([](auto&) {}, "workspace_size", p.workspace_bytes() - 1);
   expect_error([&] { p.dense(good, nullptr, ws.size(), nullptr); }, "workspace is null");
 
-  cuda::sparse_args sa;
-  sa.n_head_q = b.n_head_q;
-  sa.q = g.q.get();
-  sa.kv = g.kv;
-  sa.out = g.out.get();
+  auto sa = g.args<cuda::sparse_args>();
   dev<int32_t> idx(std::vector<int32_t>(16 * 100, 0)), len(std::vector<int32_t>(16, 1));
   dev<float> w(std::vector<float>(16 * 100, 1.f));
   sa.indices = idx.get(), sa.weights = w.get(), sa.list_len = len.get(), sa.list_stride = 100;
@@ -739,11 +735,7 @@ TEST(cuda_errors, bad_device_values) {
     gpu_batch g(b);
     const cuda::plan p(cuda_params_for(b));
     dev<uint8_t> ws(p.workspace_bytes());
-    cuda::dense_args a;
-    a.n_head_q = b.n_head_q;
-    a.q = g.q.get();
-    a.kv = g.kv;
-    a.out = g.out.get();
+    auto a = g.args<cuda::dense_args>();
     // corrupt(), run(): check_errors names the value and the output is NaN; then restore()
     // and a good run clears the record.
     auto expect_device_error = [&](auto corrupt, auto run, auto restore,
@@ -782,11 +774,7 @@ TEST(cuda_errors, bad_device_values) {
     for (size_t i = 0; i < idx.size(); ++i) idx[i] = int32_t(i % 10);
     dev<int32_t> d_idx(idx), d_len(len);
     dev<float> d_w(std::vector<float>(idx.size(), 1.f));
-    cuda::sparse_args sa;
-    sa.n_head_q = b.n_head_q;
-    sa.q = g.q.get();
-    sa.kv = g.kv;
-    sa.out = g.out.get();
+    auto sa = g.args<cuda::sparse_args>();
     sa.indices = d_idx.get(), sa.weights = d_w.get(), sa.list_len = d_len.get();
     sa.list_stride = stride;
     auto sparse = [&] { p.sparse(sa, ws.get(), ws.size(), nullptr); };
@@ -910,11 +898,7 @@ gpu_run_result run_gpu_e2e(const config& cfg, const batch& b, gpu_batch& g, uint
   const size_t nh = b.seq_len.size() * size_t(b.n_head_q);
   dev<head_stats> stats(nh);
   dev<int32_t> idx(std::vector<int32_t>(nh * size_t(b.n_max()), -7));
-  cuda::run_args a;
-  a.n_head_q = b.n_head_q;
-  a.q = g.q.get();
-  a.kv = g.kv;
-  a.out = g.out.get();
+  auto a = g.args<cuda::run_args>();
   a.stats = stats.get();
   a.indices = idx.get();
   a.step = step;
@@ -1119,11 +1103,7 @@ TEST(cuda_run, bad_inputs) {
   gpu_batch g(b);
   const cuda::plan pl(cuda_params_for(b), signs);
   dev<uint8_t> ws(pl.workspace_bytes());
-  cuda::run_args a;
-  a.n_head_q = b.n_head_q;
-  a.q = g.q.get();
-  a.kv = g.kv;
-  a.out = g.out.get();
+  auto a = g.args<cuda::run_args>();
   expect_error([&] { pl.run(a, ws.get(), ws.size(), nullptr); }, "index is null");
   expect_error([&] { pl.run(a, ws.get(), 16, nullptr); }, "workspace_size");
   // an index one token short of the cache
