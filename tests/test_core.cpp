@@ -51,6 +51,47 @@ TEST(Permutation, IsABijectionForAwkwardSizes) {
   }
 }
 
+// The one-evaluation entry point the GPU walk uses: step(i), then step while out of range, is
+// operator()(i) for every position, and step is a bijection of the network's domain.
+TEST(Permutation, StepWalkEqualsTheWalk) {
+  for (uint64_t n : {1, 2, 5, 17, 255, 256, 257, 1000, 4097, 65537, 131072}) {
+    for (uint64_t key : {uint64_t{0}, uint64_t{7}, sample_key(1, 2, 3, 4, 5)}) {
+      keyed_permutation p(key, n);
+      for (uint64_t i = 0; i < n; ++i) {
+        uint64_t x = p.step(i);
+        while (x >= n) x = p.step(x);
+        ASSERT_EQ(x, p(i)) << "n=" << n << " i=" << i;
+      }
+    }
+  }
+  keyed_permutation p(3, 1000);  // 1000: 10 bits, halves of 5 bits, domain 1024
+  ASSERT_EQ(p.half_bits(), 5u);
+  std::vector<char> seen(1024, 0);
+  for (uint64_t x = 0; x < 1024; ++x) {
+    const uint64_t y = p.step(x);
+    ASSERT_LT(y, 1024u);
+    ASSERT_FALSE(seen[y]);
+    seen[y] = 1;
+  }
+}
+
+// The round function tabulated (as the GPU walk does, one table per round) gives step() exactly.
+TEST(Permutation, TabulatedRoundsGiveTheStep) {
+  for (uint64_t n : {3, 256, 300, 4097, 131072, 1000003}) {
+    const keyed_permutation p(sample_key(9, 1, 0, 2, 7), n);
+    const uint64_t half = uint64_t(1) << p.half_bits();
+    std::vector<uint32_t> table(keyed_permutation::k_rounds * half);
+    for (int k = 0; k < keyed_permutation::k_rounds; ++k)
+      for (uint64_t r = 0; r < half; ++r) {
+        table[k * half + r] = uint32_t(p.round_fn(k, r));
+        ASSERT_LT(table[k * half + r], half);
+      }
+    auto f = [&](int k, uint64_t r) { return uint64_t(table[k * half + r]); };
+    for (uint64_t x = 0; x < half * half; x += (half * half) / 5000 + 1)
+      ASSERT_EQ(p.step_with(x, f), p.step(x)) << "n=" << n << " x=" << x;
+  }
+}
+
 TEST(Permutation, KeysGiveDifferentOrders) {
   keyed_permutation a(1, 1000), b(2, 1000);
   int same = 0;

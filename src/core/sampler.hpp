@@ -51,25 +51,37 @@ class keyed_permutation {
   // The element at position i of the permutation (i < n).
   VATTN_HD uint64_t operator()(uint64_t i) const {
     uint64_t x = i;
-    do x = encrypt(x);
+    do x = step(x);
     while (x >= n_);
     return x;
   }
 
   VATTN_HD uint64_t size() const { return n_; }
 
- private:
-  VATTN_HD uint64_t encrypt(uint64_t x) const {
+  // One evaluation of the network: operator()(i) is step(i), then step of that while it is
+  // >= n. Public so that a GPU walk can advance many positions one evaluation at a time (a lane
+  // whose walk has ended takes the next position instead of waiting for its warp's longest walk).
+  VATTN_HD uint64_t step(uint64_t x) const {
+    return step_with(x, [this](int k, uint64_t r) { return round_fn(k, r); });
+  }
+
+  // The network's parts, for a GPU that tabulates the round function: round k maps a half r
+  // (r < 2^half_bits()) to round_fn(k, r) < 2^half_bits(), and step_with(x, f) is step(x) with
+  // f(k, r) in place of round_fn(k, r).
+  VATTN_HD uint32_t half_bits() const { return half_; }
+  VATTN_HD uint64_t round_fn(int k, uint64_t r) const { return mix64(r ^ keys_[k]) & mask_; }
+  template <typename Round>
+  VATTN_HD uint64_t step_with(uint64_t x, const Round& f) const {
     uint64_t l = x >> half_, r = x & mask_;
     for (int k = 0; k < k_rounds; ++k) {
-      uint64_t f = mix64(r ^ keys_[k]) & mask_;
-      uint64_t t = l ^ f;
+      const uint64_t t = l ^ f(k, r);
       l = r;
       r = t;
     }
     return (l << half_) | r;
   }
 
+ private:
   uint64_t n_;
   uint32_t half_;
   uint64_t mask_;

@@ -34,6 +34,8 @@ constexpr int k_mom_threads = 512;   // moments blocks (16 warps)
 constexpr int k_pass_threads = 256;  // the multi-block selection passes
 constexpr int k_chunk = 2048;        // positions per selection-pass block (8 per thread)
 constexpr int k_per_thread = k_chunk / k_pass_threads;
+constexpr int k_walk_threads = 512;  // walk_count: 16 warps, 128 positions of the chunk each
+constexpr int k_hist_span = 8192;    // positions per hist_pass block
 constexpr int k_sign_threads = 256;
 constexpr int k_sign_tokens = 1024;  // tokens per sign scoring block
 constexpr int k_max_words = 8;       // 256 signature bits
@@ -56,10 +58,13 @@ struct head_rec {
 };
 
 // The radix select's state per query head: the digits of the k-th key found so far (prefix, under
-// mask) and kk, its rank among the candidates sharing that prefix.
+// mask) and kk, its rank among the candidates sharing that prefix; after the last digit, ties: 1
+// when more candidates equal the k-th key than are taken (kk of them), so that the lowest
+// positions must be chosen among them (flag_pass); 0 when all of them are taken.
 struct key_prefix {
   uint32_t prefix, mask;
   int64_t kk;
+  int32_t ties;
 };
 
 struct run_kargs : kv_view {
@@ -80,15 +85,15 @@ struct run_kargs : kv_view {
   int64_t ix_n_max;
   int32_t words;
   // workspace
-  uint32_t* scores;   // [n_seq, n_head_q, n_max]: logits (f32 bits) or sign matches
-  uint32_t* qsig;     // [n_seq, n_head_q, k_max_words]
-  int32_t* hist;      // [n_seq, n_head_q, k_hist_ints]: the radix select's digit histograms
-  key_prefix* sel;    // [n_seq, n_head_q]: the k-th key's digits found so far
-  int32_t* eq_count;  // [n_seq, n_head_q, n_chunks]: keys equal to the k-th key per chunk
-  int32_t* f_count;   // [n_seq, n_units, n_chunks]: members of F per chunk
-  int32_t* w_count;   // [n_seq, n_units, n_chunks]: walk positions outside F per chunk
-  uint8_t* flags;     // [n_seq, n_units, n_max]
-  int32_t* list;      // [n_seq, n_units, n_max]
+  uint32_t* scores;  // [n_seq, n_head_q, n_max]: logits (f32 bits) or sign matches
+  uint32_t* qsig;    // [n_seq, n_head_q, k_max_words]
+  int32_t* hist;     // [n_seq, n_head_q, k_hist_ints]: the radix select's digit histograms
+  key_prefix* sel;   // [n_seq, n_head_q]: the k-th key's digits found so far
+  unsigned long long* f_scan;   // [n_seq, n_units, 1 + n_chunks]: chunk ticket, F look-back
+  unsigned long long* eq_scan;  // [n_seq, n_head_q, n_chunks]: look-back of keys equal to the k-th
+  int32_t* w_count;             // [n_seq, n_units, n_chunks]: walk positions outside F per chunk
+  uint8_t* flags;               // [n_seq, n_units, n_max]
+  int32_t* list;                // [n_seq, n_units, n_max]
   float* weights;     // [n_seq, n_units, n_max]; before finishing: the walk's tokens (int32)
   int32_t* list_len;  // [n_seq, n_units]
   unit_rec* units;    // [n_seq, n_units]
@@ -449,10 +454,10 @@ __global__ void __launch_bounds__(k_sign_threads) sign_scores(const run_kargs a)
 // that share the digits chosen so far (each pass a grid over the positions, counting into a
 // global histogram with one atomic per distinct bin of a warp; the first histogram is built by the
 // scoring kernel), each level's digit then found by a small kernel per head (a block-wide suffix
-// scan of the histogram) and kept in the head's key_prefix record. Then the keys
-// equal to the k-th key are counted per chunk, and the flagging pass takes the keys above it and
-// the lowest positions among those equal (a block scan plus the counts of earlier chunks): the
-// set of the CPU's nth_element with its position tie-break, on any number of blocks.
+// scan of the histogram) and kept in the head's key_prefix record. The flagging pass then takes
+// the keys above the k-th and, where more keys equal it than are taken, the lowest positions among
+// those equal (a block scan plus the equal keys of earlier chunks, by look-back): the set of the
+// CPU's nth_element with its position tie-break, on any number of blocks.
 
 using pscan_t = cub::BlockScan<int, k_pass_threads>;
 using preduce_t = cub::BlockReduce<int, k_pass_threads>;
@@ -536,80 +541,134 @@ __global__ void __launch_bounds__(k_pass_threads) digit_kernel(const run_kargs a
   if (!r.radix) return;
   const bool is_float = a.c.pred == int32_t(predictor::oracle);
   key_prefix* sel = a.sel + int64_t(s) * a.n_head_q + h;
-  key_prefix p = level == 0 ? key_prefix{0, 0, r.k} : *sel;
+  key_prefix p = level == 0 ? key_prefix{0, 0, r.k, 0} : *sel;
   const radix_level lv = radix_level_at(is_float, level);
-  const uint32_t dg = find_digit(a.hist + (int64_t(s) * a.n_head_q + h) * k_hist_ints + lv.offset,
-                                 lv.bins, p.kk, sh);
+  const int32_t* hist = a.hist + (int64_t(s) * a.n_head_q + h) * k_hist_ints + lv.offset;
+  const uint32_t dg = find_digit(hist, lv.bins, p.kk, sh);
   p.prefix |= dg << lv.shift;
   p.mask |= uint32_t(lv.bins - 1) << lv.shift;
+  // The last level's bin dg holds exactly the candidates equal to the k-th key.
+  p.ties = level == (is_float ? 2 : 0) && hist[dg] > p.kk;
   if (threadIdx.x == 0) *sel = p;
 }
 
-// Radix histogram level `level` (1 or 2; level 0 came from scoring): grid (chunks, query head,
-// sequence).
+// Radix histogram level `level` (1 or 2; level 0 came from scoring): grid (spans of k_hist_span
+// positions, query head, sequence). Level 1 counts in shared memory, then adds the non-empty bins;
+// level 2 adds straight to the global histogram (warp-aggregated).
 __global__ void __launch_bounds__(k_pass_threads) hist_pass(const run_kargs a, int level) {
+  constexpr int B = 8;  // keys per thread in flight
   __shared__ int hist[k_hist2];
   const int c = blockIdx.x, h = blockIdx.y, s = blockIdx.z, tid = threadIdx.x;
   const int32_t n = a.seq_len[s];
   if (!seq_ok(a, s, n)) return;
   const topk_range r = topk_of(a, n);
-  const int64_t c0 = max64(int64_t(c) * k_chunk, r.lo), c1 = min64(int64_t(c + 1) * k_chunk, r.hi);
+  const int64_t c0 = max64(int64_t(c) * k_hist_span, r.lo);
+  const int64_t c1 = min64(int64_t(c + 1) * k_hist_span, r.hi);
   if (!r.radix || c0 >= c1) return;
   const bool is_float = a.c.pred == int32_t(predictor::oracle);
   const key_prefix p = a.sel[int64_t(s) * a.n_head_q + h];
   const radix_level lv = radix_level_at(is_float, level);
-  for (int b = tid; b < lv.bins; b += k_pass_threads) hist[b] = 0;
-  __syncthreads();
   const uint32_t* keys = a.scores + (int64_t(s) * a.n_head_q + h) * a.n_max;
-  for (int64_t tb = c0; tb < c1; tb += k_pass_threads) {
-    const int64_t t = tb + tid;
-    const uint32_t x = t < c1 ? key_at(keys, is_float, t) : 0u;
-    hist_add(hist, (x >> lv.shift) & uint32_t(lv.bins - 1), t < c1 && (x & p.mask) == p.prefix);
-  }
-  __syncthreads();
   int32_t* out = a.hist + (int64_t(s) * a.n_head_q + h) * k_hist_ints + lv.offset;
+  // Level 2: few keys share the k-th key's first 20 bits, so they are counted in place (no
+  // shared histogram of 4096 bins to clear and flush).
+  int* hd = level == 2 ? out : hist;
+  if (level != 2) {
+    for (int b = tid; b < lv.bins; b += k_pass_threads) hist[b] = 0;
+    __syncthreads();
+  }
+  for (int64_t tb = c0; tb < c1; tb += B * k_pass_threads) {  // uniform trip count (hist_add)
+    uint32_t x[B];
+#pragma unroll
+    for (int i = 0; i < B; ++i) {
+      const int64_t t = tb + i * k_pass_threads + tid;
+      x[i] = t < c1 ? key_at(keys, is_float, t) : 0u;
+    }
+#pragma unroll
+    for (int i = 0; i < B; ++i) {
+      const int64_t t = tb + i * k_pass_threads + tid;
+      hist_add(hd, (x[i] >> lv.shift) & uint32_t(lv.bins - 1),
+               t < c1 && (x[i] & p.mask) == p.prefix);
+    }
+  }
+  if (level == 2) return;
+  __syncthreads();
   for (int b = tid; b < lv.bins; b += k_pass_threads)
     if (hist[b]) atomicAdd(&out[b], hist[b]);
 }
 
-// Keys equal to the k-th key per chunk: grid (chunks, query head, sequence).
-__global__ void __launch_bounds__(k_pass_threads) eq_pass(const run_kargs a) {
-  __shared__ typename preduce_t::TempStorage red;
-  const int c = blockIdx.x, h = blockIdx.y, s = blockIdx.z, tid = threadIdx.x;
-  const int32_t n = a.seq_len[s];
-  if (!seq_ok(a, s, n)) return;
-  const topk_range r = topk_of(a, n);
-  if (!r.radix) return;
-  const int64_t c0 = max64(int64_t(c) * k_chunk, r.lo), c1 = min64(int64_t(c + 1) * k_chunk, r.hi);
-  int32_t* out = a.eq_count + (int64_t(s) * a.n_head_q + h) * a.n_chunks + c;
-  if (c0 >= c1) {
-    if (tid == 0) *out = 0;
-    return;
+// A single-pass scan over chunks with decoupled look-back (as CUB's), by one warp (every lane
+// calls it; all get the result): chunk c publishes its count at once (k_aggr), reads the status of
+// the 32 chunks before it together (waiting until each has published), adds their counts down to
+// the nearest inclusive prefix (k_incl), goes 32 further back if there was none, then publishes
+// its own inclusive prefix. Returns the sum of the counts of chunks 0 .. c-1.
+constexpr unsigned long long k_aggr = 1ull << 62, k_incl = 1ull << 63, k_scan_val = k_aggr - 1;
+__device__ int64_t look_back(unsigned long long* st, int c, int64_t cnt) {
+  const int lane = int(threadIdx.x % 32);
+  if (c == 0) {
+    if (lane == 0) atomicExch(&st[0], k_incl | static_cast<unsigned long long>(cnt));
+    return 0;
   }
-  const bool is_float = a.c.pred == int32_t(predictor::oracle);
-  const key_prefix p = a.sel[int64_t(s) * a.n_head_q + h];
-  const uint32_t* keys = a.scores + (int64_t(s) * a.n_head_q + h) * a.n_max;
-  int cnt = 0;
-  for (int64_t t = c0 + tid; t < c1; t += k_pass_threads)
-    cnt += key_at(keys, is_float, t) == p.prefix;
-  cnt = preduce_t(red).Sum(cnt);
-  if (tid == 0) *out = cnt;
+  if (lane == 0) atomicExch(&st[c], k_aggr | static_cast<unsigned long long>(cnt));
+  int64_t before = 0;
+  for (int top = c - 1;; top -= 32) {
+    const int j = top - lane;
+    unsigned long long v = 0;
+    if (j >= 0)
+      while ((v = atomicAdd(&st[j], 0ull)) == 0) __nanosleep(32);
+    const unsigned incl = __ballot_sync(0xffffffffu, (v & k_incl) != 0);
+    const int stop = incl ? __ffs(incl) - 1 : 31;  // the nearest inclusive prefix (chunk 0 is one)
+    int64_t x = lane <= stop ? int64_t(v & k_scan_val) : 0;
+    for (int o = 16; o >= 1; o /= 2) x += __shfl_xor_sync(0xffffffffu, x, o);
+    before += x;
+    if (incl) break;
+  }
+  if (lane == 0) atomicExch(&st[c], k_incl | static_cast<unsigned long long>(before + cnt));
+  return before;
 }
 
-// F's flags over one chunk of a unit (sinks, local window, each unit head's top-k) and their
-// count: grid (chunks, unit, sequence). Thread tid owns positions c0 + 8 tid .. + 7 (the scans
-// keep position order).
+// F over one chunk of a unit, compacted in the same pass: the flags (sinks, local window, each
+// unit head's top-k), then F's members in ascending order at (members in earlier chunks, by
+// look-back) + (rank in the chunk, a block scan), and the unit record (stage sizes, the dense
+// fallbacks, bad device-side values reported here). Grid (chunks, unit, sequence); the chunk a
+// block serves is a ticket taken from the unit's counter in the order blocks start, so every
+// chunk a look-back waits for is held by a block that has started. Thread tid owns positions
+// c0 + 8 tid .. + 7 (the scans keep position order). Dense units get their list (0 .. n-1) from
+// finish_kernel.
 __global__ void __launch_bounds__(k_pass_threads) flag_pass(const run_kargs a) {
   __shared__ pass_shared sh;
-  __shared__ typename preduce_t::TempStorage red;
-  const int c = blockIdx.x, u = blockIdx.y, s = blockIdx.z, tid = threadIdx.x;
-  const int32_t n = a.seq_len[s];
-  if (!seq_ok(a, s, n)) return;
+  const int u = blockIdx.y, s = blockIdx.z, tid = threadIdx.x;
   const int64_t ui = int64_t(s) * a.n_units + u;
+  unit_rec* ur = a.units + ui;
+  const bool lead = blockIdx.x == 0 && tid == 0;
+  const int32_t n = a.seq_len[s];
+  bool bad = false;
+  if (n < 1 || n > a.n_max) {
+    if (lead) report_status(a.status, k_bad_seq_len, s, n, a.n_max, 0);
+    bad = true;
+  } else if (seq_base(a, s, n, lead) < 0) {
+    bad = true;
+  } else if (a.c.pred == int32_t(predictor::sign_bits) && a.c.select == int32_t(selector::topk) &&
+             a.ix_count[s] != n) {
+    if (lead) report_status(a.status, k_bad_index_len, s, a.ix_count[s], n, 0);
+    bad = true;
+  }
+  if (bad) {
+    if (lead) *ur = unit_rec{0, 0, 0, 0, 0, 1};
+    return;
+  }
+  const stages st = resolve_stages(a.c, n);
+  if (st.dense) {  // attention over every token
+    if (lead) *ur = unit_rec{n, n, 0, 0, 1, 0};
+    return;
+  }
+  unsigned long long* scan = a.f_scan + ui * (a.n_chunks + 1);
+  if (tid == 0) sh.i32[0] = int(atomicAdd(scan, 1ull));
+  __syncthreads();
+  const int c = sh.i32[0];
+  __syncthreads();
   const int64_t c0 = int64_t(c) * k_chunk;
   if (c0 >= n) return;
-  const stages st = resolve_stages(a.c, n);
-  if (st.dense) return;
   const topk_range r = topk_of(a, n);
   const int64_t p0 = c0 + int64_t(tid) * k_per_thread;
   uint32_t f = 0;  // bit i: position p0 + i is in F
@@ -630,14 +689,15 @@ __global__ void __launch_bounds__(k_pass_threads) flag_pass(const run_kargs a) {
         continue;
       }
       const key_prefix p = a.sel[int64_t(s) * a.n_head_q + h];
-      const int32_t* eqc = a.eq_count + (int64_t(s) * a.n_head_q + h) * a.n_chunks;
-      int before = 0;
-      for (int i = tid; i < c; i += k_pass_threads) before += eqc[i];
-      before = preduce_t(red).Sum(before);
-      if (tid == 0) sh.i32[0] = before;
-      __syncthreads();
-      before = sh.i32[0];
       const uint32_t* keys = a.scores + (int64_t(s) * a.n_head_q + h) * a.n_max;
+      if (!p.ties) {  // every key equal to the k-th is taken: the keys >= it
+#pragma unroll
+        for (int i = 0; i < k_per_thread; ++i) {
+          const int64_t t = p0 + i;
+          if (t >= r.lo && t < r.hi && key_at(keys, is_float, t) >= p.prefix) f |= 1u << i;
+        }
+        continue;
+      }
       uint32_t kx[k_per_thread];
       int eq = 0;
 #pragma unroll
@@ -648,8 +708,14 @@ __global__ void __launch_bounds__(k_pass_threads) flag_pass(const run_kargs a) {
       }
       int rank, total;
       pscan_t(sh.scan).ExclusiveSum(eq, rank, total);
+      if (tid < 32) {  // keys equal to the k-th in earlier chunks
+        const int64_t b =
+            look_back(a.eq_scan + (int64_t(s) * a.n_head_q + h) * a.n_chunks, c, total);
+        if (tid == 0) sh.i64[1] = b;
+      }
       __syncthreads();
-      int64_t taken = int64_t(before) + rank;
+      int64_t taken = sh.i64[1] + rank;
+      __syncthreads();
 #pragma unroll
       for (int i = 0; i < k_per_thread; ++i) {
         const int64_t t = p0 + i;
@@ -666,8 +732,24 @@ __global__ void __launch_bounds__(k_pass_threads) flag_pass(const run_kargs a) {
 #pragma unroll
   for (int i = 0; i < k_per_thread; ++i)
     if (p0 + i < n) flags[p0 + i] = uint8_t((f >> i) & 1u);
-  const int cnt = preduce_t(red).Sum(__popc(f));
-  if (tid == 0) a.f_count[ui * a.n_chunks + c] = cnt;
+  int rank, cnt;
+  pscan_t(sh.scan).ExclusiveSum(__popc(f), rank, cnt);
+  if (tid < 32) {
+    const int64_t b = look_back(scan + 1, c, cnt);
+    if (tid == 0) sh.i64[0] = b;
+  }
+  __syncthreads();
+  const int64_t before = sh.i64[0];
+  int32_t* list = a.list + ui * a.n_max;
+  int64_t at = before + rank;
+#pragma unroll
+  for (int i = 0; i < k_per_thread; ++i)
+    if ((f >> i) & 1u) list[at++] = int32_t(p0 + i);
+  if (tid == 0 && c == int((n - 1) / k_chunk)) {  // the last chunk: F's size is known
+    const int64_t n_f = before + cnt, n_s = n - n_f;
+    *ur = n_s < 2 ? unit_rec{n, n, 0, 0, 1, 0}  // too few left to sample: dense
+                  : unit_rec{n, n_f, n_s, first_draws(a.c, n_s), 0, 0};
+  }
 }
 
 __device__ inline int sum_before(const int32_t* counts, int c, pass_shared& sh,
@@ -680,61 +762,6 @@ __device__ inline int sum_before(const int32_t* counts, int c, pass_shared& sh,
   x = sh.i32[1];
   __syncthreads();
   return x;
-}
-
-// F compacted in ascending order, the unit's record (stage sizes, the dense fallbacks, bad
-// device-side values reported here): grid (chunks, unit, sequence).
-__global__ void __launch_bounds__(k_pass_threads) compact_pass(const run_kargs a) {
-  __shared__ pass_shared sh;
-  __shared__ typename preduce_t::TempStorage red;
-  const int c = blockIdx.x, u = blockIdx.y, s = blockIdx.z, tid = threadIdx.x;
-  const int64_t ui = int64_t(s) * a.n_units + u;
-  unit_rec* ur = a.units + ui;
-  int32_t* list = a.list + ui * a.n_max;
-  const bool lead = c == 0 && tid == 0;
-  const int32_t n = a.seq_len[s];
-  bool bad = false;
-  if (n < 1 || n > a.n_max) {
-    if (lead) report_status(a.status, k_bad_seq_len, s, n, a.n_max, 0);
-    bad = true;
-  } else if (seq_base(a, s, n, lead) < 0) {
-    bad = true;
-  } else if (a.c.pred == int32_t(predictor::sign_bits) && a.c.select == int32_t(selector::topk) &&
-             a.ix_count[s] != n) {
-    if (lead) report_status(a.status, k_bad_index_len, s, a.ix_count[s], n, 0);
-    bad = true;
-  }
-  if (bad) {
-    if (lead) *ur = unit_rec{0, 0, 0, 0, 0, 1};
-    return;
-  }
-  const int64_t c0 = int64_t(c) * k_chunk;
-  if (c0 >= n) return;
-  const int n_chunks_here = int((n + k_chunk - 1) / k_chunk);
-  const stages st = resolve_stages(a.c, n);
-  int64_t n_f = n;
-  if (!st.dense) n_f = sum_before(a.f_count + ui * a.n_chunks, n_chunks_here, sh, red);
-  const int64_t n_s = n - n_f;
-  if (st.dense || n_s < 2) {  // attention over every token
-    for (int64_t t = c0 + tid; t < min64(c0 + k_chunk, int64_t(n)); t += k_pass_threads)
-      list[t] = int32_t(t);
-    if (lead) *ur = unit_rec{n, n, 0, 0, 1, 0};
-    return;
-  }
-  const int before = sum_before(a.f_count + ui * a.n_chunks, c, sh, red);
-  const uint8_t* flags = a.flags + ui * a.n_max;
-  const int64_t p0 = c0 + int64_t(tid) * k_per_thread;
-  uint32_t f = 0;
-#pragma unroll
-  for (int i = 0; i < k_per_thread; ++i)
-    if (p0 + i < n && flags[p0 + i]) f |= 1u << i;
-  int rank, total;
-  pscan_t(sh.scan).ExclusiveSum(__popc(f), rank, total);
-  int64_t at = int64_t(before) + rank;
-#pragma unroll
-  for (int i = 0; i < k_per_thread; ++i)
-    if ((f >> i) & 1u) list[at++] = int32_t(p0 + i);
-  if (lead) *ur = unit_rec{n, n_f, n_s, first_draws(a.c, n_s), 0, 0};
 }
 
 // The sample's budget b of a unit (after the moments): the largest over its heads (gqa_shared).
@@ -777,30 +804,84 @@ __device__ inline bool walk_setup(const run_kargs& a, int stage, walk_block& w) 
   return w.lo < w.hi && w.c0 < w.ur.n_f + w.hi;
 }
 
-__global__ void __launch_bounds__(k_pass_threads) walk_count(const run_kargs a, int stage) {
-  __shared__ typename preduce_t::TempStorage red;
+// walk_count's positions are evaluated a network step at a time with refills: each warp owns 128
+// positions of the chunk, each lane one position at a time; a lane whose walk lands in [0, n)
+// records the token (by position, in shared memory) and takes the warp's next unstarted position
+// (ballot + prefix count), so no lane waits for its warp's longest walk.
+template <typename Step>
+__device__ __forceinline__ void walk_warp(const Step& step, int64_t q0, int q_len, uint64_t n,
+                                          int32_t* res) {
+  const int lane = int(threadIdx.x % 32);
+  int j = lane, next = 32;  // the lane's position (offset from q0); the warp's next unstarted one
+  uint64_t x = uint64_t(q0 + j);
+  bool active = j < q_len;
+  while (__any_sync(0xffffffffu, active)) {
+    if (active) x = step(x);
+    const bool done = active && x < n;
+    const unsigned fin = __ballot_sync(0xffffffffu, done);
+    if (done) {
+      res[j] = int32_t(x);
+      j = next + __popc(fin & ((1u << lane) - 1u));
+      x = uint64_t(q0 + j);
+      active = j < q_len;
+    }
+    next += __popc(fin);
+  }
+}
+
+// The round function of the network is tabulated per block where its halves have at most
+// k_walk_table_bits bits (n <= 2^20): 8 rounds x 2^half 16-bit entries (the same values as
+// keyed_permutation::round_fn, see step_with), so a step is 8 shared-memory lookups instead of 8
+// 64-bit mixes. The flags of the tokens are then read by position, all loads in flight at once.
+constexpr int k_walk_table_bits = 10;
+using wreduce_t = cub::BlockReduce<int, k_walk_threads>;
+__global__ void __launch_bounds__(k_walk_threads) walk_count(const run_kargs a, int stage) {
+  using perm_t = vattn::detail::keyed_permutation;
+  constexpr int per_warp = k_chunk / (k_walk_threads / 32);
+  __shared__ int32_t res[k_chunk];  // the token at each position of the chunk
+  __shared__ uint16_t rt[perm_t::k_rounds << k_walk_table_bits];
+  __shared__ typename wreduce_t::TempStorage red;
   walk_block w;
   if (!walk_setup(a, stage, w)) return;
   if (stage == 1 && w.c0 < w.ur.n_f + w.ur.m0) return;  // counted by stage 0
   const int64_t n = w.ur.n;
   const int64_t seq_key = a.seq_id ? a.seq_id[blockIdx.z] : blockIdx.z;
-  const vattn::detail::keyed_permutation perm(
+  const perm_t perm(
       vattn::detail::sample_key(a.c.seed, a.c.layer, seq_key, int32_t(blockIdx.y), a.step),
       uint64_t(n));
+  const int hb = int(perm.half_bits());
+  const bool tab = hb <= k_walk_table_bits;
+  if (tab)
+    for (int r = int(threadIdx.x); r < (1 << hb); r += k_walk_threads)
+#pragma unroll
+      for (int k = 0; k < perm_t::k_rounds; ++k)  // k constant: the keys stay in registers
+        rt[(k << hb) | r] = uint16_t(perm.round_fn(k, uint64_t(r)));
+  __syncthreads();
+  const int warp = int(threadIdx.x / 32);
+  const int64_t q0 = w.c0 + int64_t(warp) * per_warp;
+  const int q_len = int(max64(0, min64(per_warp, n - q0)));  // positions of this warp
+  int32_t* wres = res + warp * per_warp;
+  if (tab) {
+    const auto lookup = [&](int k, uint64_t r) { return uint64_t(rt[(k << hb) | int(r)]); };
+    walk_warp([&](uint64_t x) { return perm.step_with(x, lookup); }, q0, q_len, uint64_t(n), wres);
+  } else {
+    walk_warp([&](uint64_t x) { return perm.step(x); }, q0, q_len, uint64_t(n), wres);
+  }
+  __syncthreads();
   const uint8_t* flags = a.flags + w.ui * a.n_max;
   int32_t* tok = reinterpret_cast<int32_t*>(a.weights) + w.ui * a.n_max;
-  const int64_t p0 = w.c0 + int64_t(threadIdx.x) * k_per_thread;
   int kept = 0;
 #pragma unroll
-  for (int i = 0; i < k_per_thread; ++i) {
-    const int64_t p = p0 + i;
+  for (int i = 0; i < k_chunk / k_walk_threads; ++i) {
+    const int l = i * k_walk_threads + int(threadIdx.x);
+    const int64_t p = w.c0 + l;
     if (p >= n) break;
-    const int32_t t = int32_t(perm(uint64_t(p)));
+    const int32_t t = res[l];
     const bool keep = flags[t] == 0;
     tok[p] = keep ? t : -1;
     kept += keep;
   }
-  kept = preduce_t(red).Sum(kept);
+  kept = wreduce_t(red).Sum(kept);
   if (threadIdx.x == 0) a.w_count[w.ui * a.n_chunks + blockIdx.x] = kept;
 }
 
@@ -976,6 +1057,8 @@ __global__ void __launch_bounds__(k_sel_threads) finish_kernel(const run_kargs a
   const int64_t b = unit_budget(a, s, u, ur);
   const int64_t len = n_f + b;
   const float w = b > 0 ? float(double(ur.n_s) / double(b)) : 0.f;
+  if (ur.dense)  // every token (the same thread reads list[i] below)
+    for (int64_t i = tid; i < n; i += k_sel_threads) list[i] = int32_t(i);
   for (int64_t i = tid; i < len; i += k_sel_threads) wts[i] = i < n_f ? 1.f : w;
   if (tid == 0) a.list_len[ui] = int32_t(len);
   if (a.indices) {
@@ -1046,7 +1129,7 @@ constexpr size_t round256(size_t x) {
   return (x + 255) / 256 * 256;
 }
 struct run_layout {
-  size_t scores, qsig, hist, sel, eq_count, f_count, w_count, flags, list, weights, list_len, units,
+  size_t scores, qsig, hist, sel, f_scan, eq_scan, w_count, flags, list, weights, list_len, units,
       heads, bytes;
 };
 run_layout run_layout_for(const config& cfg, int32_t n_seq, int32_t hq, int32_t hkv, int64_t n) {
@@ -1065,8 +1148,8 @@ run_layout run_layout_for(const config& cfg, int32_t n_seq, int32_t hq, int32_t 
   l.qsig = take(heads * k_max_words * 4);
   l.hist = take(heads * k_hist_ints * 4);
   l.sel = take(heads * sizeof(key_prefix));
-  l.eq_count = take(heads * chunks * 4);
-  l.f_count = take(units * chunks * 4);
+  l.f_scan = take(units * (chunks + 1) * 8);  // f_scan and eq_scan adjacent: one clearing
+  l.eq_scan = take(heads * chunks * 8);
   l.w_count = take(units * chunks * 4);
   l.flags = take(units * size_t(n));
   l.list = take(units * size_t(n) * 4);
@@ -1331,8 +1414,8 @@ void plan::run(const run_args& a, void* workspace, size_t workspace_size, stream
   k.qsig = reinterpret_cast<uint32_t*>(rb + l.qsig);
   k.hist = reinterpret_cast<int32_t*>(rb + l.hist);
   k.sel = reinterpret_cast<key_prefix*>(rb + l.sel);
-  k.eq_count = reinterpret_cast<int32_t*>(rb + l.eq_count);
-  k.f_count = reinterpret_cast<int32_t*>(rb + l.f_count);
+  k.f_scan = reinterpret_cast<unsigned long long*>(rb + l.f_scan);
+  k.eq_scan = reinterpret_cast<unsigned long long*>(rb + l.eq_scan);
   k.w_count = reinterpret_cast<int32_t*>(rb + l.w_count);
   k.flags = reinterpret_cast<uint8_t*>(rb + l.flags);
   k.list = reinterpret_cast<int32_t*>(rb + l.list);
@@ -1342,11 +1425,16 @@ void plan::run(const run_args& a, void* workspace, size_t workspace_size, stream
   k.heads = reinterpret_cast<head_rec*>(rb + l.heads);
 
   check(cudaMemsetAsync(k.status, 0, sizeof(device_status), stream), "clearing the status record");
+  check(
+      cudaMemsetAsync(k.f_scan, 0,
+                      l.eq_scan - l.f_scan + size_t(n_seq) * p_.n_head_q * k.n_chunks * 8, stream),
+      "clearing the flag pass's tickets and look-back records");
   auto stage = [&](const char* name) {
     if (a.stage_hook) a.stage_hook(name, a.stage_ctx);
   };
   const unsigned hq = unsigned(p_.n_head_q), hkv = unsigned(p_.n_head_kv), ns = unsigned(n_seq);
   const unsigned chunks = unsigned(k.n_chunks), nu = unsigned(k.n_units);
+  const unsigned spans = unsigned((p_.n_tokens_max + k_hist_span - 1) / k_hist_span);
   const bool topk = cfg_.select == selector::topk;
   if (topk) {
     prep_kernel<<<dim3(hq, ns), 256, 0, stream>>>(k, signs ? 1 : 0);
@@ -1362,22 +1450,18 @@ void plan::run(const run_args& a, void* workspace, size_t workspace_size, stream
     stage("score");
     for (int level = 0; level < (signs ? 1 : 3); ++level) {
       if (level > 0) {
-        hist_pass<<<dim3(chunks, hq, ns), k_pass_threads, 0, stream>>>(k, level);
+        hist_pass<<<dim3(spans, hq, ns), k_pass_threads, 0, stream>>>(k, level);
         check(cudaGetLastError(), "histogram pass launch");
       }
       digit_kernel<<<dim3(hq, ns), k_pass_threads, 0, stream>>>(k, level);
       check(cudaGetLastError(), "digit kernel launch");
     }
-    eq_pass<<<dim3(chunks, hq, ns), k_pass_threads, 0, stream>>>(k);
-    check(cudaGetLastError(), "equal-key count launch");
   }
   flag_pass<<<dim3(chunks, nu, ns), k_pass_threads, 0, stream>>>(k);
   check(cudaGetLastError(), "flag pass launch");
-  compact_pass<<<dim3(chunks, nu, ns), k_pass_threads, 0, stream>>>(k);
-  check(cudaGetLastError(), "compaction launch");
   stage("select");
   if (cfg_.sample != sampling::none) {
-    walk_count<<<dim3(chunks, nu, ns), k_pass_threads, 0, stream>>>(k, 0);
+    walk_count<<<dim3(chunks, nu, ns), k_walk_threads, 0, stream>>>(k, 0);
     check(cudaGetLastError(), "walk count launch");
     walk_write<<<dim3(chunks, nu, ns), k_pass_threads, 0, stream>>>(k, 0);
     check(cudaGetLastError(), "walk launch");
@@ -1393,7 +1477,7 @@ void plan::run(const run_args& a, void* workspace, size_t workspace_size, stream
     moments<<<dim3(hq, ns), k_mom_threads, 0, stream>>>(k);
     check(cudaGetLastError(), "moments kernel launch");
     stage("moments");
-    walk_count<<<dim3(chunks, nu, ns), k_pass_threads, 0, stream>>>(k, 1);
+    walk_count<<<dim3(chunks, nu, ns), k_walk_threads, 0, stream>>>(k, 1);
     check(cudaGetLastError(), "walk count launch");
     walk_write<<<dim3(chunks, nu, ns), k_pass_threads, 0, stream>>>(k, 1);
     check(cudaGetLastError(), "walk launch");

@@ -9,9 +9,14 @@
 // relative output error against the dense output of the same inputs (mean and max over heads),
 // and the median time of each stage (events between the stages).
 //
+// Decode-step rows (variant 6): one decode step of a 32-layer model's attention, every layer's
+// plan::run (its own K and V, its layer index in the sampling key) captured in ONE CUDA graph and
+// replayed; dense the same way (plan without a config); median of 20 replays. Only where 32
+// layers' K and V fit in 48 GiB (batch 1 to 128K).
+//
 // Usage: bench_cuda [contexts] [batches] [end-to-end variants], e.g. bench_cuda 8192,32768,131072
 // 1,16 0,3 (variants: 0 vattention, 1 vattention gqa_shared, 2 oracle top-k, 3-5 the same with
-// the sign-bit predictor; default all).
+// the sign-bit predictor, 6 the 32-layer decode step; default all).
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -183,7 +188,7 @@ int main(int argc, char** argv) {
   std::setvbuf(stdout, nullptr, _IOLBF, 0);
   const std::vector<int64_t> contexts = parse_list(argc > 1 ? argv[1] : "8192,32768,131072");
   const std::vector<int64_t> batches = parse_list(argc > 2 ? argv[2] : "1,16");
-  const std::vector<int64_t> pick = parse_list(argc > 3 ? argv[3] : "0,1,2,3,4,5");
+  const std::vector<int64_t> pick = parse_list(argc > 3 ? argv[3] : "0,1,2,3,4,5,6");
   auto picked = [&](size_t v) { return std::count(pick.begin(), pick.end(), int64_t(v)) > 0; };
   const int32_t n_head_q = 32, n_head_kv = 8, d = 128;  // Llama-3.1-8B, one layer
   const double density = 0.05;
@@ -389,6 +394,70 @@ int main(int argc, char** argv) {
         cudaFree(st);
         cudaFree(wsv);
       }
+      // One decode step of 32 layers in one graph (dense, then vAttention with the oracle).
+      constexpr int n_layers = 32;
+      double step_us[2] = {0, 0};
+      if (picked(6) && size_t(n_layers) * 2 * kv_bytes <= (size_t(48) << 30)) {
+        std::vector<void*> lk(n_layers), lv(n_layers);
+        for (int l = 0; l < n_layers; ++l) {
+          ck(cudaMalloc(&lk[l], kv_bytes), "malloc layer k");
+          ck(cudaMalloc(&lv[l], kv_bytes), "malloc layer v");
+          ck(cudaMemcpy(lk[l], k, kv_bytes, cudaMemcpyDeviceToDevice), "layer k");
+          ck(cudaMemcpy(lv[l], v, kv_bytes, cudaMemcpyDeviceToDevice), "layer v");
+        }
+        cudaStream_t cs = nullptr;
+        ck(cudaStreamCreateWithFlags(&cs, cudaStreamNonBlocking), "stream");
+        cudaEvent_t e0, e1;
+        ck(cudaEventCreate(&e0), "event");
+        ck(cudaEventCreate(&e1), "event");
+        for (int m = 0; m < 2; ++m) {
+          std::vector<std::unique_ptr<vattn::cuda::plan>> plans;
+          size_t ws_need = 0;
+          for (int l = 0; l < n_layers; ++l) {
+            vattn::config cfg = vattn::method_config("vattention");
+            cfg.layer = l;
+            plans.push_back(m ? std::make_unique<vattn::cuda::plan>(p, cfg)
+                              : std::make_unique<vattn::cuda::plan>(p));
+            ws_need = std::max(ws_need, plans.back()->workspace_bytes());
+          }
+          void* wsg = nullptr;
+          ck(cudaMalloc(&wsg, ws_need), "malloc ws");
+          vattn::cuda::run_args ra;
+          ra.n_head_q = n_head_q;
+          ra.q = q;
+          ra.kv = da.kv;
+          ra.out = out;
+          cudaGraph_t g = nullptr;
+          cudaGraphExec_t ge = nullptr;
+          ck(cudaStreamBeginCapture(cs, cudaStreamCaptureModeThreadLocal), "capture");
+          for (int l = 0; l < n_layers; ++l) {
+            ra.kv.k = lk[l], ra.kv.v = lv[l];
+            plans[l]->run(ra, wsg, ws_need, cs);
+          }
+          ck(cudaStreamEndCapture(cs, &g), "capture");
+          ck(cudaGraphInstantiate(&ge, g, 0), "instantiate");
+          std::vector<float> ms;
+          for (int r = 0; r < 25; ++r) {
+            ck(cudaEventRecord(e0, cs), "record");
+            ck(cudaGraphLaunch(ge, cs), "graph launch");
+            ck(cudaEventRecord(e1, cs), "record");
+            ck(cudaEventSynchronize(e1), "sync");
+            float t = 0;
+            ck(cudaEventElapsedTime(&t, e0, e1), "elapsed");
+            if (r >= 5) ms.push_back(t);
+          }
+          vattn::cuda::check_errors(wsg, cs);
+          std::sort(ms.begin(), ms.end());
+          step_us[m] = 1e3 * ms[ms.size() / 2];
+          cudaGraphExecDestroy(ge);
+          cudaGraphDestroy(g);
+          cudaFree(wsg);
+        }
+        cudaEventDestroy(e0);
+        cudaEventDestroy(e1);
+        cudaStreamDestroy(cs);
+        for (int l = 0; l < n_layers; ++l) cudaFree(lk[l]), cudaFree(lv[l]);
+      }
       const double dense_gbs = 2.0 * kv_bytes / (dense_us * 1e-6) / 1e9;
       const double sparse_gbs = 2.0 * batch * n_head_kv * len * d * 2 / (sparse_us * 1e-6) / 1e9;
       std::printf("%8lld %5lld %6d | %9.1f %8.0f %6.1f%% | %9.1f %8.0f %7.1fx\n", (long long)n,
@@ -401,6 +470,12 @@ int main(int argc, char** argv) {
             "", "", "", r.name.c_str(), r.us, dense_us / r.us, r.density, r.err_mean, r.err_max);
         std::printf("%8s %5s %6s |       stages (median us): %s\n", "", "", "", r.stages.c_str());
       }
+      if (step_us[0] > 0)
+        std::printf(
+            "%8s %5s %6s |   decode step, %d layers in one CUDA graph: dense %.1f us, vattention "
+            "%.1f us (%.1f us per layer), %.2fx\n",
+            "", "", "", n_layers, step_us[0], step_us[1], step_us[1] / n_layers,
+            step_us[0] / step_us[1]);
       for (void* ptr : {static_cast<void*>(k), static_cast<void*>(v), static_cast<void*>(q),
                         static_cast<void*>(out), static_cast<void*>(seq_len),
                         static_cast<void*>(idx), static_cast<void*>(w), static_cast<void*>(ll), ws})
