@@ -202,22 +202,36 @@ __global__ void __launch_bounds__(k_threads) split_kernel(const split_args a) {
 
   // Warps interleave by steps of U x TPW rows. The loop bound is uniform in a warp (the
   // shuffles need every lane); a lane past the end reloads a valid row and discards it. All U
-  // rows are loaded before any is used, so U x 2 rows' words per lane are in flight.
-  for (int base = int(t0) + warp * TPW * U; base < t1; base += tl::k_step) {
+  // rows are loaded before any is used, so U x 2 rows' words per lane are in flight. Sparse: the
+  // list entries (token, weight) of the next step are loaded while this step's rows are in
+  // flight, so a row's load does not wait on its index's load (entries past the chunk read entry
+  // t0 instead and are discarded).
+  int tn[U];
+  float wn[U];
+  auto fetch = [&](int b) {
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int i = b + u * TPW + slot, ii = i < t1 ? i : int(t0);
+      tn[u] = list[ii];
+      wn[u] = list_w[ii];
+    }
+  };
+  const int first = int(t0) + warp * TPW * U;
+  if constexpr (Sparse) fetch(first);
+  for (int base = first; base < t1; base += tl::k_step) {
     float kx[U][P], vx[U][P], wt[U];
     bool valid[U];
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       const int i = base + u * TPW + slot;
       valid[u] = i < t1;
-      const int ii = valid[u] ? i : base;
-      int t = ii;
+      int t = valid[u] ? i : base;
       wt[u] = 1.f;
       if constexpr (Sparse) {
-        t = list[ii];
-        wt[u] = list_w[ii];
+        t = tn[u];
+        wt[u] = wn[u];
         if (t < 0 || t >= n) {
-          report(a.status, k_bad_index, s, t, (list - a.indices) + ii, n);
+          report(a.status, k_bad_index, s, t, (list - a.indices) + (valid[u] ? i : int(t0)), n);
           t = 0;
         }
       }
@@ -225,6 +239,7 @@ __global__ void __launch_bounds__(k_threads) split_kernel(const split_args a) {
       load_row<T, P>(kb + off, kx[u]);
       load_row<T, P>(vb + off, vx[u]);
     }
+    if constexpr (Sparse) fetch(base + tl::k_step);
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       float sc[G];

@@ -266,8 +266,10 @@ constexpr size_t score_smem(int heads) {
 // Oracle logits (list_mode 0: grid (tiles, kv head, sequence), every token for the query heads
 // of the kv group, and the first radix histogram of each head's top-k candidates), or the logits
 // of the listed rows F + base sample of one query head (list_mode 1: grid (tiles, query head,
-// sequence), for predictors and sampling without top-k; stored by list position). q is scaled as
-// the CPU scales it (one float multiply) and dotted in its order.
+// sequence), for predictors and sampling without top-k; stored by list position; with gqa_shared
+// the list is the kv group's, so the grid is (tiles, kv head, sequence) and each staged row is
+// dotted with the group's G query rows). q is scaled as the CPU scales it (one float multiply)
+// and dotted in its order.
 template <dtype T, int D>
 __global__ void __launch_bounds__(tile_geom<T, D>::k_tokens)
     score_kernel(const run_kargs a, int list_mode) {
@@ -286,9 +288,13 @@ __global__ void __launch_bounds__(tile_geom<T, D>::k_tokens)
   const int32_t* lst = nullptr;
   if (!list_mode) {
     kvh = blockIdx.y, h0 = kvh * G, ng = G;
+  } else if (a.c.gqa_shared) {  // one list per kv group: each row staged once for its G heads
+    kvh = blockIdx.y, h0 = kvh * G, ng = G;
   } else {
     h0 = blockIdx.y, kvh = h0 / G, ng = 1;
-    const int u = a.c.gqa_shared ? h0 / G : h0;
+  }
+  if (list_mode) {
+    const int u = a.c.gqa_shared ? kvh : h0;
     const int64_t ui = int64_t(s) * a.n_units + u;
     const unit_rec ur = a.units[ui];
     if (ur.skip || ur.dense || ur.m0 < 1) return;
@@ -354,8 +360,10 @@ __global__ void __launch_bounds__(tile_geom<T, D>::k_tokens)
 
 // Zeroes the radix histograms of (query head, sequence) and, for predictor=signs, computes the
 // query's signature: bit r = [w_r . q >= 0] with q unscaled, dotted in the CPU's order (its
-// row_ops dot_f32). Grid (query head, sequence), 256 threads.
-__global__ void __launch_bounds__(256) prep_kernel(const run_kargs a, int signs) {
+// row_ops dot_f32). Grid (query head, sequence), k_prep_threads threads (32 warps: at most a few
+// projections per warp, so the dependent load-and-reduce chains of one head overlap).
+constexpr int k_prep_threads = 1024;
+__global__ void __launch_bounds__(k_prep_threads) prep_kernel(const run_kargs a, int signs) {
   __shared__ float q[256];
   __shared__ uint32_t bits[256];
   const int h = blockIdx.x, s = blockIdx.y, d = a.d, kvh = h / a.group;
@@ -369,7 +377,7 @@ __global__ void __launch_bounds__(256) prep_kernel(const run_kargs a, int signs)
   const int lanes = a.order.lanes, per_warp = 32 / lanes;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, sub = lane / lanes, ai = lane % lanes;
   const float* w = a.proj + int64_t(kvh) * R * d;
-  for (int rb = warp * per_warp; rb < R; rb += (256 / 32) * per_warp) {
+  for (int rb = warp * per_warp; rb < R; rb += (k_prep_threads / 32) * per_warp) {
     const int r = rb + sub;
     const bool valid = r < R;
     const float x = seg_dot(q, w, valid ? int64_t(r) * d : 0, d, a.order, ai, valid);
@@ -406,30 +414,41 @@ __global__ void __launch_bounds__(k_sign_threads) sign_scores(const run_kargs a)
   __syncthreads();
   const uint32_t* qsrc =
       qw_shared ? qw : a.qsig + (int64_t(s) * a.n_head_q + kvh * G) * k_max_words;
-  for (int64_t tb = t0; tb < t1; tb += blockDim.x) {  // uniform trip count (hist_add)
-    const int64_t t = tb + tid;
-    const bool live = t < t1;
+  // All of the thread's signatures are loaded before any is scored (k_sign_iters loads in flight
+  // per thread instead of one); the trip counts are uniform in the block (hist_add).
+  constexpr int k_sign_iters = k_sign_tokens / k_sign_threads;
+  static_assert(k_sign_tokens % k_sign_threads == 0, "a sign block's tokens: whole steps");
+  uint32_t kw[k_sign_iters][k_max_words];
+#pragma unroll
+  for (int it = 0; it < k_sign_iters; ++it) {
+    const int64_t t = t0 + int64_t(it) * k_sign_threads + tid;
     const uint32_t* ks =
-        a.sig + ((int64_t(s) * a.n_head_kv + kvh) * a.ix_n_max + (live ? t : t0)) * W;
-    uint32_t kw[k_max_words];
+        a.sig + ((int64_t(s) * a.n_head_kv + kvh) * a.ix_n_max + (t < t1 ? t : t0)) * W;
     if (W % 4 == 0) {
 #pragma unroll
       for (int i = 0; i < k_max_words / 4; ++i) {
         if (4 * i < W) {
           const uint4 v = __ldg(reinterpret_cast<const uint4*>(ks) + i);
-          kw[4 * i] = v.x, kw[4 * i + 1] = v.y, kw[4 * i + 2] = v.z, kw[4 * i + 3] = v.w;
+          kw[it][4 * i] = v.x, kw[it][4 * i + 1] = v.y, kw[it][4 * i + 2] = v.z,
+                     kw[it][4 * i + 3] = v.w;
         }
       }
     } else {
 #pragma unroll
       for (int i = 0; i < k_max_words; ++i)
-        if (i < W) kw[i] = ks[i];
+        if (i < W) kw[it][i] = __ldg(ks + i);
     }
+  }
+#pragma unroll
+  for (int it = 0; it < k_sign_iters; ++it) {
+    const int64_t t = t0 + int64_t(it) * k_sign_threads + tid;
+    if (t0 + int64_t(it) * k_sign_threads >= t1) break;  // uniform in the block
+    const bool live = t < t1;
     for (int g = 0; g < G; ++g) {
       int c = 0;
 #pragma unroll
       for (int i = 0; i < k_max_words; ++i)
-        if (i < W) c += __popc(qsrc[g * k_max_words + i] ^ kw[i]);
+        if (i < W) c += __popc(qsrc[g * k_max_words + i] ^ kw[it][i]);
       const uint32_t score = uint32_t(a.c.pred_bits - c);
       if (live) a.scores[(int64_t(s) * a.n_head_q + kvh * G + g) * a.n_max + t] = score;
       if (do_hist) hist_add(shist + g * k_hist1, score, live && t >= lo && t < hi);
@@ -1170,7 +1189,7 @@ template <dtype T, int D>
 void launch_score_t(const run_kargs& k, dim3 grid, int list_mode, cudaStream_t stream) {
   using tg = tile_geom<T, D>;
   grid.x = unsigned((k.n_max + tg::k_tokens - 1) / tg::k_tokens);  // tokens, or list entries
-  const size_t shm = score_smem<T, D>(list_mode ? 1 : k.group);
+  const size_t shm = score_smem<T, D>(list_mode && !k.c.gqa_shared ? 1 : k.group);
   score_kernel<T, D><<<grid, tg::k_tokens, shm, stream>>>(k, list_mode);
   check(cudaGetLastError(), "scoring kernel launch");
 }
@@ -1437,7 +1456,7 @@ void plan::run(const run_args& a, void* workspace, size_t workspace_size, stream
   const unsigned spans = unsigned((p_.n_tokens_max + k_hist_span - 1) / k_hist_span);
   const bool topk = cfg_.select == selector::topk;
   if (topk) {
-    prep_kernel<<<dim3(hq, ns), 256, 0, stream>>>(k, signs ? 1 : 0);
+    prep_kernel<<<dim3(hq, ns), k_prep_threads, 0, stream>>>(k, signs ? 1 : 0);
     check(cudaGetLastError(), "preparation kernel launch");
     if (signs) {
       const unsigned blocks = unsigned((p_.n_tokens_max + k_sign_tokens - 1) / k_sign_tokens);
@@ -1468,7 +1487,7 @@ void plan::run(const run_args& a, void* workspace, size_t workspace_size, stream
     stage("sample");
     const bool oracle = topk && cfg_.pred == predictor::oracle;
     if (!oracle) {  // logits of F and the base draws, by list position
-      launch_score(p_.kv_type, p_.head_dim, k, dim3(0, hq, ns), 1, stream);
+      launch_score(p_.kv_type, p_.head_dim, k, dim3(0, cfg_.gqa_shared ? hkv : hq, ns), 1, stream);
       stage("list logits");
     }
     auto* moments = p_.kv_type == dtype::bf16  ? moments_kernel<dtype::bf16>

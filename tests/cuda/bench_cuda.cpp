@@ -16,7 +16,8 @@
 //
 // Usage: bench_cuda [contexts] [batches] [end-to-end variants], e.g. bench_cuda 8192,32768,131072
 // 1,16 0,3 (variants: 0 vattention, 1 vattention gqa_shared, 2 oracle top-k, 3-5 the same with
-// the sign-bit predictor, 6 the 32-layer decode step; default all).
+// the sign-bit predictor, 6 the 32-layer decode step, 7 sign-bit top-k with gqa_shared (one list
+// per kv group: the union of its heads' top 5%); default all).
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -188,7 +189,7 @@ int main(int argc, char** argv) {
   std::setvbuf(stdout, nullptr, _IOLBF, 0);
   const std::vector<int64_t> contexts = parse_list(argc > 1 ? argv[1] : "8192,32768,131072");
   const std::vector<int64_t> batches = parse_list(argc > 2 ? argv[2] : "1,16");
-  const std::vector<int64_t> pick = parse_list(argc > 3 ? argv[3] : "0,1,2,3,4,5,6");
+  const std::vector<int64_t> pick = parse_list(argc > 3 ? argv[3] : "0,1,2,3,4,5,6,7");
   auto picked = [&](size_t v) { return std::count(pick.begin(), pick.end(), int64_t(v)) > 0; };
   const int32_t n_head_q = 32, n_head_kv = 8, d = 128;  // Llama-3.1-8B, one layer
   const double density = 0.05;
@@ -326,19 +327,20 @@ int main(int argc, char** argv) {
       if (n % k_tile_rows == 0)
         dix = sign_mirror(sign_cfg, k, int32_t(batch), n, n_head_q, n_head_kv, d);
       struct variant {
+        int id;  // the command line's variant number (6 is the decode step)
         const char* name;
         const char* method;
         bool shared, signs;
       };
-      const variant variants[] = {{"vattention", "vattention", false, false},
-                                  {"vattention gqa_shared", "vattention", true, false},
-                                  {"topk (oracle 5%)", "topk", false, false},
-                                  {"vattention signs", "vattention", false, true},
-                                  {"vattention signs gqa_shared", "vattention", true, true},
-                                  {"topk (signs 5%)", "topk", false, true}};
-      for (size_t vi = 0; vi < std::size(variants); ++vi) {
-        const variant& vr = variants[vi];
-        if (!picked(vi) || (vr.signs && !dix)) continue;
+      const variant variants[] = {{0, "vattention", "vattention", false, false},
+                                  {1, "vattention gqa_shared", "vattention", true, false},
+                                  {2, "topk (oracle 5%)", "topk", false, false},
+                                  {3, "vattention signs", "vattention", false, true},
+                                  {4, "vattention signs gqa_shared", "vattention", true, true},
+                                  {5, "topk (signs 5%)", "topk", false, true},
+                                  {7, "topk (signs 5%) gqa_shared", "topk", true, true}};
+      for (const variant& vr : variants) {
+        if (!picked(size_t(vr.id)) || (vr.signs && !dix)) continue;
         vattn::config cfg = vattn::method_config(vr.method);
         cfg.gqa_shared = vr.shared;
         if (vr.signs) cfg.pred = sign_cfg.pred, cfg.pred_bits = sign_cfg.pred_bits;

@@ -12,7 +12,8 @@
 #   cp -r /usr/lib/x86_64-linux-gnu/cmake/GTest $d/lib/x86_64-linux-gnu/cmake
 # Knobs (environment): ARCH (CUDA architectures, default the CMake default "80;90"), BENCH_ARGS
 # (default "8192,32768,131072 1,16"), and the time limits in seconds TEST_S, BENCH_S, MEMCHECK_S,
-# RACECHECK_S (defaults 600, 240, 300, 200) and MEMCHECK_FILTER (a gtest filter), to fit a lease.
+# RACECHECK_S (defaults 600, 240, 300, 200), MEMCHECK_FILTER and RACECHECK_FILTER (gtest filters),
+# to fit a lease.
 set -uo pipefail
 out=${OUT:-build/cuda-device}
 mkdir -p "$out"
@@ -67,7 +68,7 @@ step() { printf '\n=== %s\n' "$*"; }
   step "compute-sanitizer racecheck (subset)"
   timeout "${RACECHECK_S:-200}" compute-sanitizer --tool racecheck --error-exitcode 3 $bin/test_cuda \
     --gtest_brief=1 \
-    --gtest_filter='cuda_dense.strided*:cuda_dense.graph*:cuda_errors.*:cuda_sampler.repro*:cuda_run.graph*:cuda_run.bad*' \
+    --gtest_filter="${RACECHECK_FILTER:-cuda_dense.strided*:cuda_dense.graph*:cuda_errors.*:cuda_sampler.repro*:cuda_run.graph*:cuda_run.bad*}" \
     >"$out/racecheck.txt" 2>&1
   echo "racecheck rc=$?"
   tail -8 "$out/racecheck.txt"

@@ -983,9 +983,9 @@ config e2e_config(const std::string& method, bool shared, predictor pred, budget
 
 // The GPU selects, samples and budgets exactly as the CPU: identical F (including ties broken
 // by position), identical sampled tokens in draw order, identical m and b, for top-k, vAttention
-// (oracle and sign-bit predictor, every budget mode, gqa_shared on and off) and fixed-rate
-// sampling, over short (dense fallback), mid and long (40K) sequences and mixed batches; the
-// output matches the CPU's.
+// (oracle and sign-bit predictor, every budget mode, gqa_shared on and off), top-k with sign bits
+// per kv group (gqa_shared) and fixed-rate sampling, over short (dense fallback), mid and long
+// (40K) sequences and mixed batches; the output matches the CPU's.
 TEST(cuda_run, same_index_sets_as_cpu) {
   REQUIRE_GPU();
   struct method_case {
@@ -1002,6 +1002,7 @@ TEST(cuda_run, same_index_sets_as_cpu) {
       {"vattention", true, predictor::oracle, budget_mode::combined},
       {"vattention", false, predictor::sign_bits, budget_mode::denominator},
       {"vattention", true, predictor::sign_bits, budget_mode::numerator},
+      {"topk", true, predictor::sign_bits, budget_mode::denominator},
       {"random", false, predictor::oracle, budget_mode::denominator},
   };
   struct data_case {
