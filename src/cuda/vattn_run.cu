@@ -34,11 +34,18 @@ constexpr int k_mom_threads = 512;   // moments blocks (16 warps)
 constexpr int k_pass_threads = 256;  // the multi-block selection passes
 constexpr int k_chunk = 2048;        // positions per selection-pass block (8 per thread)
 constexpr int k_per_thread = k_chunk / k_pass_threads;
+static_assert(k_per_thread == 8, "a selection thread's 16-bit sign keys: one 16-byte load");
 constexpr int k_walk_threads = 512;  // walk_count: 16 warps, 128 positions of the chunk each
 constexpr int k_hist_span = 8192;    // positions per hist_pass block
 constexpr int k_sign_threads = 256;
 constexpr int k_sign_tokens = 1024;  // tokens per sign scoring block
 constexpr int k_max_words = 8;       // 256 signature bits
+// Rows of the per-token selection arrays that a flag_pass thread reads or writes 8 at a time (the
+// 16-bit sign scores, the flags) are padded to 8 entries, so its 8 positions (8-aligned) are one
+// 16-byte load or one 8-byte store.
+__host__ __device__ constexpr int64_t pad8(int64_t n_max) {
+  return (n_max + 7) / 8 * 8;
+}
 // The radix select's digits, from the top: f32 order keys in three passes (8, 12, 12 bits; the
 // first histogram is built by the scoring kernel), sign scores (0..256) in one pass of 9 bits.
 constexpr int k_hist1 = 512, k_hist2 = 4096, k_hist3 = 4096;
@@ -85,14 +92,15 @@ struct run_kargs : kv_view {
   int64_t ix_n_max;
   int32_t words;
   // workspace
-  uint32_t* scores;  // [n_seq, n_head_q, n_max]: logits (f32 bits) or sign matches
+  uint32_t* scores;  // [n_seq, n_head_q, n_max]: logits (f32 bits); with signs, 16-bit
+                     // sign scores at rows of pad8(n_max), list logits f32 later
   uint32_t* qsig;    // [n_seq, n_head_q, k_max_words]
   int32_t* hist;     // [n_seq, n_head_q, k_hist_ints]: the radix select's digit histograms
   key_prefix* sel;   // [n_seq, n_head_q]: the k-th key's digits found so far
   unsigned long long* f_scan;   // [n_seq, n_units, 1 + n_chunks]: chunk ticket, F look-back
   unsigned long long* eq_scan;  // [n_seq, n_head_q, n_chunks]: look-back of keys equal to the k-th
   int32_t* w_count;             // [n_seq, n_units, n_chunks]: walk positions outside F per chunk
-  uint8_t* flags;               // [n_seq, n_units, n_max]
+  uint8_t* flags;               // [n_seq, n_units, pad8(n_max)]
   int32_t* list;                // [n_seq, n_units, n_max]
   float* weights;     // [n_seq, n_units, n_max]; before finishing: the walk's tokens (int32)
   int32_t* list_len;  // [n_seq, n_units]
@@ -368,7 +376,8 @@ __global__ void __launch_bounds__(k_prep_threads) prep_kernel(const run_kargs a,
   __shared__ uint32_t bits[256];
   const int h = blockIdx.x, s = blockIdx.y, d = a.d, kvh = h / a.group;
   int32_t* hist = a.hist + (int64_t(s) * a.n_head_q + h) * k_hist_ints;
-  for (int i = threadIdx.x; i < k_hist_ints; i += blockDim.x) hist[i] = 0;
+  // Sign scores use the first histogram alone (one digit level).
+  for (int i = threadIdx.x; i < (signs ? k_hist1 : k_hist_ints); i += blockDim.x) hist[i] = 0;
   if (!signs) return;
   const int R = a.c.pred_bits;
   for (int i = threadIdx.x; i < d; i += blockDim.x)
@@ -450,7 +459,10 @@ __global__ void __launch_bounds__(k_sign_threads) sign_scores(const run_kargs a)
       for (int i = 0; i < k_max_words; ++i)
         if (i < W) c += __popc(qsrc[g * k_max_words + i] ^ kw[it][i]);
       const uint32_t score = uint32_t(a.c.pred_bits - c);
-      if (live) a.scores[(int64_t(s) * a.n_head_q + kvh * G + g) * a.n_max + t] = score;
+      if (live)
+        reinterpret_cast<uint16_t*>(
+            a.scores)[(int64_t(s) * a.n_head_q + kvh * G + g) * pad8(a.n_max) + t] =
+            uint16_t(score);
       if (do_hist) hist_add(shist + g * k_hist1, score, live && t >= lo && t < hi);
     }
   }
@@ -473,7 +485,8 @@ __global__ void __launch_bounds__(k_sign_threads) sign_scores(const run_kargs a)
 // that share the digits chosen so far (each pass a grid over the positions, counting into a
 // global histogram with one atomic per distinct bin of a warp; the first histogram is built by the
 // scoring kernel), each level's digit then found by a small kernel per head (a block-wide suffix
-// scan of the histogram) and kept in the head's key_prefix record. The flagging pass then takes
+// scan of the histogram) and kept in the head's key_prefix record (sign scores, one level: the
+// flagging pass finds the digit itself, with no digit kernel). The flagging pass then takes
 // the keys above the k-th and, where more keys equal it than are taken, the lowest positions among
 // those equal (a block scan plus the equal keys of earlier chunks, by look-back): the set of the
 // CPU's nth_element with its position tie-break, on any number of blocks.
@@ -707,22 +720,47 @@ __global__ void __launch_bounds__(k_pass_threads) flag_pass(const run_kargs a) {
           if (p0 + i >= r.lo && p0 + i < r.hi) f |= 1u << i;
         continue;
       }
-      const key_prefix p = a.sel[int64_t(s) * a.n_head_q + h];
-      const uint32_t* keys = a.scores + (int64_t(s) * a.n_head_q + h) * a.n_max;
+      const int64_t row = int64_t(s) * a.n_head_q + h;
+      key_prefix p;
+      uint32_t kx[k_per_thread];  // the keys of positions p0 .. p0 + 7 (0 outside [lo, hi))
+      if (is_float) {
+        p = a.sel[row];
+        const uint32_t* keys = a.scores + row * a.n_max;
+#pragma unroll
+        for (int i = 0; i < k_per_thread; ++i) {
+          const int64_t t = p0 + i;
+          kx[i] = (t >= r.lo && t < r.hi) ? key_at(keys, true, t) : 0u;
+        }
+      } else {
+        // Sign scores: the only digit is found here, from the scoring kernel's histogram (no
+        // digit kernel launch); the 8 keys are one 16-byte load (p0 is 8-aligned, and p0 < n
+        // keeps it inside the padded row).
+        const int32_t* hist = a.hist + row * k_hist_ints;
+        p = key_prefix{0, uint32_t(k_hist1 - 1), r.k, 0};
+        p.prefix = find_digit(hist, k_hist1, p.kk, sh);
+        p.ties = hist[p.prefix] > p.kk;
+        const uint16_t* keys = reinterpret_cast<const uint16_t*>(a.scores) + row * pad8(a.n_max);
+        uint4 v = make_uint4(0u, 0u, 0u, 0u);
+        if (p0 < n) v = *reinterpret_cast<const uint4*>(keys + p0);
+        const uint32_t w[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+        for (int i = 0; i < k_per_thread; ++i) {
+          const int64_t t = p0 + i;
+          kx[i] = (t >= r.lo && t < r.hi) ? (w[i / 2] >> (16 * (i % 2))) & 0xffffu : 0u;
+        }
+      }
       if (!p.ties) {  // every key equal to the k-th is taken: the keys >= it
 #pragma unroll
         for (int i = 0; i < k_per_thread; ++i) {
           const int64_t t = p0 + i;
-          if (t >= r.lo && t < r.hi && key_at(keys, is_float, t) >= p.prefix) f |= 1u << i;
+          if (t >= r.lo && t < r.hi && kx[i] >= p.prefix) f |= 1u << i;
         }
         continue;
       }
-      uint32_t kx[k_per_thread];
       int eq = 0;
 #pragma unroll
       for (int i = 0; i < k_per_thread; ++i) {
         const int64_t t = p0 + i;
-        kx[i] = (t >= r.lo && t < r.hi) ? key_at(keys, is_float, t) : 0u;
         if (t >= r.lo && t < r.hi) eq += kx[i] == p.prefix;
       }
       int rank, total;
@@ -747,10 +785,17 @@ __global__ void __launch_bounds__(k_pass_threads) flag_pass(const run_kargs a) {
       }
     }
   }
-  uint8_t* flags = a.flags + ui * a.n_max;
+  // The flags are read by the walk alone (none without sampling): one 8-byte store of the
+  // thread's 8 positions (rows padded to 8 entries, p0 8-aligned; p0 < n keeps it in the row).
+  if (a.c.sample != int32_t(sampling::none) && p0 < n) {
+    uint32_t lo4 = 0, hi4 = 0;
 #pragma unroll
-  for (int i = 0; i < k_per_thread; ++i)
-    if (p0 + i < n) flags[p0 + i] = uint8_t((f >> i) & 1u);
+    for (int i = 0; i < 4; ++i) {
+      lo4 |= ((f >> i) & 1u) << (8 * i);
+      hi4 |= ((f >> (i + 4)) & 1u) << (8 * i);
+    }
+    *reinterpret_cast<uint2*>(a.flags + ui * pad8(a.n_max) + p0) = make_uint2(lo4, hi4);
+  }
   int rank, cnt;
   pscan_t(sh.scan).ExclusiveSum(__popc(f), rank, cnt);
   if (tid < 32) {
@@ -887,7 +932,7 @@ __global__ void __launch_bounds__(k_walk_threads) walk_count(const run_kargs a, 
     walk_warp([&](uint64_t x) { return perm.step(x); }, q0, q_len, uint64_t(n), wres);
   }
   __syncthreads();
-  const uint8_t* flags = a.flags + w.ui * a.n_max;
+  const uint8_t* flags = a.flags + w.ui * pad8(a.n_max);
   int32_t* tok = reinterpret_cast<int32_t*>(a.weights) + w.ui * a.n_max;
   int kept = 0;
 #pragma unroll
@@ -1163,14 +1208,14 @@ run_layout run_layout_for(const config& cfg, int32_t n_seq, int32_t hq, int32_t 
     at += round256(bytes);
     return p;
   };
-  l.scores = take(heads * size_t(n) * 4);
+  l.scores = take(heads * std::max(size_t(n) * 4, size_t(pad8(n)) * 2));
   l.qsig = take(heads * k_max_words * 4);
   l.hist = take(heads * k_hist_ints * 4);
   l.sel = take(heads * sizeof(key_prefix));
   l.f_scan = take(units * (chunks + 1) * 8);  // f_scan and eq_scan adjacent: one clearing
   l.eq_scan = take(heads * chunks * 8);
   l.w_count = take(units * chunks * 4);
-  l.flags = take(units * size_t(n));
+  l.flags = take(units * size_t(pad8(n)));
   l.list = take(units * size_t(n) * 4);
   l.weights = take(units * size_t(n) * 4);
   l.list_len = take(units * 4);
@@ -1467,7 +1512,8 @@ void plan::run(const run_args& a, void* workspace, size_t workspace_size, stream
       launch_score(p_.kv_type, p_.head_dim, k, dim3(0, hkv, ns), 0, stream);
     }
     stage("score");
-    for (int level = 0; level < (signs ? 1 : 3); ++level) {
+    // Float logits: three digit levels (sign scores: one, found by flag_pass itself).
+    for (int level = 0; level < (signs ? 0 : 3); ++level) {
       if (level > 0) {
         hist_pass<<<dim3(spans, hq, ns), k_pass_threads, 0, stream>>>(k, level);
         check(cudaGetLastError(), "histogram pass launch");
