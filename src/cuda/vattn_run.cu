@@ -50,6 +50,18 @@ __host__ __device__ constexpr int64_t pad8(int64_t n_max) {
 // first histogram is built by the scoring kernel), sign scores (0..256) in one pass of 9 bits.
 constexpr int k_hist1 = 512, k_hist2 = 4096, k_hist3 = 4096;
 constexpr int k_hist_ints = k_hist1 + k_hist2 + k_hist3;  // per (sequence, query head)
+// Sign scores are 0 .. 256: the scoring kernel's per-warp histogram copies hold that many bins.
+// With signs, int k_hist1 of a group's first head's histograms is the scoring blocks' ticket.
+constexpr int k_sign_bins = 257;
+// Copies of a kv group's sign histograms per scoring block: one per warp while they fit 48 KiB.
+inline int sign_copies(int group) {
+  int c = k_sign_threads / 32;
+  while (c > 1 && size_t(c) * group * k_sign_bins * 4 > 48 * 1024) c /= 2;
+  return c;
+}
+inline size_t sign_smem(int group) {
+  return size_t(std::max(sign_copies(group) * group * k_sign_bins, k_hist1)) * 4;
+}
 
 // Per (sequence, selection unit): what the selection decided. A unit is one query head, or one
 // kv group with gqa_shared.
@@ -376,8 +388,8 @@ __global__ void __launch_bounds__(k_prep_threads) prep_kernel(const run_kargs a,
   __shared__ uint32_t bits[256];
   const int h = blockIdx.x, s = blockIdx.y, d = a.d, kvh = h / a.group;
   int32_t* hist = a.hist + (int64_t(s) * a.n_head_q + h) * k_hist_ints;
-  // Sign scores use the first histogram alone (one digit level).
-  for (int i = threadIdx.x; i < (signs ? k_hist1 : k_hist_ints); i += blockDim.x) hist[i] = 0;
+  // Sign scores use the first histogram alone (one digit level), and the ticket after it.
+  for (int i = threadIdx.x; i < (signs ? k_hist1 + 1 : k_hist_ints); i += blockDim.x) hist[i] = 0;
   if (!signs) return;
   const int R = a.c.pred_bits;
   for (int i = threadIdx.x; i < d; i += blockDim.x)
@@ -400,84 +412,6 @@ __global__ void __launch_bounds__(k_prep_threads) prep_kernel(const run_kargs a,
   }
 }
 
-// Bits each token's signature shares with each query head's, and the (only) radix histogram of
-// those scores over the top-k candidates: grid (token blocks, kv head, sequence), one thread per
-// token, 16-byte signature loads.
-__global__ void __launch_bounds__(k_sign_threads) sign_scores(const run_kargs a) {
-  extern __shared__ int shist[];  // [group, k_hist1]
-  __shared__ uint32_t qw[64 * k_max_words];
-  const int kvh = blockIdx.y, s = blockIdx.z, G = a.group, W = a.words, tid = threadIdx.x;
-  const int32_t n = a.seq_len[s];
-  if (n < 1 || n > a.n_max || n > a.ix_n_max) return;
-  const int64_t t0 = int64_t(blockIdx.x) * k_sign_tokens;
-  if (t0 >= n) return;
-  const int64_t t1 = min64(t0 + k_sign_tokens, int64_t(n));
-  const stages st = resolve_stages(a.c, n);
-  const int64_t lo = st.n_sink, hi = n - st.n_local;
-  const bool do_hist = !st.dense && st.k > 0 && st.k < hi - lo;
-  const bool qw_shared = G <= 64;
-  for (int i = tid; i < G * k_max_words && qw_shared; i += blockDim.x)
-    qw[i] = a.qsig[(int64_t(s) * a.n_head_q + kvh * G) * k_max_words + i];
-  if (do_hist)
-    for (int i = tid; i < G * k_hist1; i += blockDim.x) shist[i] = 0;
-  __syncthreads();
-  const uint32_t* qsrc =
-      qw_shared ? qw : a.qsig + (int64_t(s) * a.n_head_q + kvh * G) * k_max_words;
-  // All of the thread's signatures are loaded before any is scored (k_sign_iters loads in flight
-  // per thread instead of one); the trip counts are uniform in the block (hist_add).
-  constexpr int k_sign_iters = k_sign_tokens / k_sign_threads;
-  static_assert(k_sign_tokens % k_sign_threads == 0, "a sign block's tokens: whole steps");
-  uint32_t kw[k_sign_iters][k_max_words];
-#pragma unroll
-  for (int it = 0; it < k_sign_iters; ++it) {
-    const int64_t t = t0 + int64_t(it) * k_sign_threads + tid;
-    const uint32_t* ks =
-        a.sig + ((int64_t(s) * a.n_head_kv + kvh) * a.ix_n_max + (t < t1 ? t : t0)) * W;
-    if (W % 4 == 0) {
-#pragma unroll
-      for (int i = 0; i < k_max_words / 4; ++i) {
-        if (4 * i < W) {
-          const uint4 v = __ldg(reinterpret_cast<const uint4*>(ks) + i);
-          kw[it][4 * i] = v.x, kw[it][4 * i + 1] = v.y, kw[it][4 * i + 2] = v.z,
-                     kw[it][4 * i + 3] = v.w;
-        }
-      }
-    } else {
-#pragma unroll
-      for (int i = 0; i < k_max_words; ++i)
-        if (i < W) kw[it][i] = __ldg(ks + i);
-    }
-  }
-#pragma unroll
-  for (int it = 0; it < k_sign_iters; ++it) {
-    const int64_t t = t0 + int64_t(it) * k_sign_threads + tid;
-    if (t0 + int64_t(it) * k_sign_threads >= t1) break;  // uniform in the block
-    const bool live = t < t1;
-    for (int g = 0; g < G; ++g) {
-      int c = 0;
-#pragma unroll
-      for (int i = 0; i < k_max_words; ++i)
-        if (i < W) c += __popc(qsrc[g * k_max_words + i] ^ kw[it][i]);
-      const uint32_t score = uint32_t(a.c.pred_bits - c);
-      if (live)
-        reinterpret_cast<uint16_t*>(
-            a.scores)[(int64_t(s) * a.n_head_q + kvh * G + g) * pad8(a.n_max) + t] =
-            uint16_t(score);
-      if (do_hist) hist_add(shist + g * k_hist1, score, live && t >= lo && t < hi);
-    }
-  }
-  if (do_hist) {
-    __syncthreads();
-    for (int b = tid; b < G * k_hist1; b += blockDim.x) {
-      const int c = shist[b];
-      if (c)
-        atomicAdd(
-            &a.hist[(int64_t(s) * a.n_head_q + kvh * G + b / k_hist1) * k_hist_ints + b % k_hist1],
-            c);
-    }
-  }
-}
-
 // --- the radix select, over many blocks ----------------------------------------------------------
 //
 // Top-k of [lo, hi) by (key desc, position asc), key = order_key of the f32 logit (oracle) or the
@@ -486,12 +420,13 @@ __global__ void __launch_bounds__(k_sign_threads) sign_scores(const run_kargs a)
 // global histogram with one atomic per distinct bin of a warp; the first histogram is built by the
 // scoring kernel), each level's digit then found by a small kernel per head (a block-wide suffix
 // scan of the histogram) and kept in the head's key_prefix record (sign scores, one level: the
-// flagging pass finds the digit itself, with no digit kernel). The flagging pass then takes
+// scoring kernel's last block per kv group finds it, with no digit kernel). The flagging pass takes
 // the keys above the k-th and, where more keys equal it than are taken, the lowest positions among
 // those equal (a block scan plus the equal keys of earlier chunks, by look-back): the set of the
 // CPU's nth_element with its position tie-break, on any number of blocks.
 
 using pscan_t = cub::BlockScan<int, k_pass_threads>;
+static_assert(k_sign_threads == k_pass_threads, "sign_scores runs find_digit (pscan_t)");
 using preduce_t = cub::BlockReduce<int, k_pass_threads>;
 
 struct pass_shared {
@@ -560,6 +495,109 @@ __device__ inline topk_range topk_of(const run_kargs& a, int32_t n) {
   topk_range r{st.n_sink, n - st.n_local, st.k, false};
   r.radix = a.c.select == int32_t(selector::topk) && !st.dense && r.k > 0 && r.k < r.hi - r.lo;
   return r;
+}
+
+// Bits each token's signature shares with each query head's, the (only) radix histogram of those
+// scores over the top-k candidates, and its digit: grid (token blocks, kv head, sequence), one
+// thread per token, 16-byte signature loads. Each warp counts into its own copy of the group's
+// histograms (sign_copies of them; plain shared atomics, no per-token warp vote), merged into the
+// global one at the end. The last block of a (kv head, sequence) to merge (a ticket from the
+// counter after the group's first histogram, cleared by prep_kernel) finds each head's digit,
+// kk and ties from the finished histograms into sel, once per head, for flag_pass.
+__global__ void __launch_bounds__(k_sign_threads) sign_scores(const run_kargs a, int copies) {
+  extern __shared__ int shist[];  // [copies, group, k_sign_bins]; then a head's k_hist1 bins
+  __shared__ uint32_t qw[64 * k_max_words];
+  __shared__ pass_shared sh;
+  const int kvh = blockIdx.y, s = blockIdx.z, G = a.group, W = a.words, tid = threadIdx.x;
+  const int32_t n = a.seq_len[s];
+  if (n < 1 || n > a.n_max || n > a.ix_n_max) return;
+  const int64_t t0 = int64_t(blockIdx.x) * k_sign_tokens;
+  if (t0 >= n) return;
+  const int64_t t1 = min64(t0 + k_sign_tokens, int64_t(n));
+  const stages st = resolve_stages(a.c, n);
+  const int64_t lo = st.n_sink, hi = n - st.n_local;
+  const bool do_hist = !st.dense && st.k > 0 && st.k < hi - lo;
+  const bool qw_shared = G <= 64;
+  const int hn = G * k_sign_bins;  // ints per histogram copy
+  for (int i = tid; i < G * k_max_words && qw_shared; i += blockDim.x)
+    qw[i] = a.qsig[(int64_t(s) * a.n_head_q + kvh * G) * k_max_words + i];
+  if (do_hist)
+    for (int i = tid; i < copies * hn; i += blockDim.x) shist[i] = 0;
+  __syncthreads();
+  const uint32_t* qsrc =
+      qw_shared ? qw : a.qsig + (int64_t(s) * a.n_head_q + kvh * G) * k_max_words;
+  int* mine = shist + (tid / 32) % copies * hn;
+  // All of the thread's signatures are loaded before any is scored (k_sign_iters loads in flight
+  // per thread instead of one).
+  constexpr int k_sign_iters = k_sign_tokens / k_sign_threads;
+  static_assert(k_sign_tokens % k_sign_threads == 0, "a sign block's tokens: whole steps");
+  uint32_t kw[k_sign_iters][k_max_words];
+#pragma unroll
+  for (int it = 0; it < k_sign_iters; ++it) {
+    const int64_t t = t0 + int64_t(it) * k_sign_threads + tid;
+    const uint32_t* ks =
+        a.sig + ((int64_t(s) * a.n_head_kv + kvh) * a.ix_n_max + (t < t1 ? t : t0)) * W;
+    if (W % 4 == 0) {
+#pragma unroll
+      for (int i = 0; i < k_max_words / 4; ++i) {
+        if (4 * i < W) {
+          const uint4 v = __ldg(reinterpret_cast<const uint4*>(ks) + i);
+          kw[it][4 * i] = v.x, kw[it][4 * i + 1] = v.y, kw[it][4 * i + 2] = v.z,
+                     kw[it][4 * i + 3] = v.w;
+        }
+      }
+    } else {
+#pragma unroll
+      for (int i = 0; i < k_max_words; ++i)
+        if (i < W) kw[it][i] = __ldg(ks + i);
+    }
+  }
+#pragma unroll
+  for (int it = 0; it < k_sign_iters; ++it) {
+    const int64_t t = t0 + int64_t(it) * k_sign_threads + tid;
+    if (t >= t1) break;
+    const bool cand = do_hist && t >= lo && t < hi;
+    for (int g = 0; g < G; ++g) {
+      int c = 0;
+#pragma unroll
+      for (int i = 0; i < k_max_words; ++i)
+        if (i < W) c += __popc(qsrc[g * k_max_words + i] ^ kw[it][i]);
+      const uint32_t score = uint32_t(a.c.pred_bits - c);
+      reinterpret_cast<uint16_t*>(
+          a.scores)[(int64_t(s) * a.n_head_q + kvh * G + g) * pad8(a.n_max) + t] = uint16_t(score);
+      if (cand) atomicAdd(mine + g * k_sign_bins + score, 1);
+    }
+  }
+  if (!do_hist) return;
+  __syncthreads();
+  int32_t* ghist = a.hist + (int64_t(s) * a.n_head_q + kvh * G) * k_hist_ints;
+  for (int b = tid; b < hn; b += blockDim.x) {
+    int c = 0;
+    for (int x = 0; x < copies; ++x) c += shist[x * hn + b];
+    if (c) atomicAdd(&ghist[(b / k_sign_bins) * k_hist_ints + b % k_sign_bins], c);
+  }
+  // The last block to merge sees every block's adds (each fenced before its ticket).
+  __threadfence();
+  __syncthreads();
+  if (tid == 0) {
+    const int blocks = int((n + k_sign_tokens - 1) / k_sign_tokens);
+    sh.i32[0] = atomicAdd(&ghist[k_hist1], 1) == blocks - 1;
+  }
+  __syncthreads();
+  if (!sh.i32[0]) return;
+  __threadfence();
+  for (int g = 0; g < G; ++g) {
+    const int32_t* hg = ghist + int64_t(g) * k_hist_ints;
+    for (int b = tid; b < k_hist1; b += blockDim.x) shist[b] = __ldcg(hg + b);
+    __syncthreads();
+    key_prefix p{0, uint32_t(k_hist1 - 1), st.k, 0};
+    p.prefix = find_digit(shist, k_hist1, p.kk, sh);
+    if (tid == 0) {
+      p.ties = shist[p.prefix] > p.kk;
+      a.sel[int64_t(s) * a.n_head_q + kvh * G + g] = p;
+    }
+    __syncthreads();
+  }
 }
 
 // One digit level of the k-th key per (query head, sequence) from the finished histogram of that
@@ -732,13 +770,10 @@ __global__ void __launch_bounds__(k_pass_threads) flag_pass(const run_kargs a) {
           kx[i] = (t >= r.lo && t < r.hi) ? key_at(keys, true, t) : 0u;
         }
       } else {
-        // Sign scores: the only digit is found here, from the scoring kernel's histogram (no
-        // digit kernel launch); the 8 keys are one 16-byte load (p0 is 8-aligned, and p0 < n
-        // keeps it inside the padded row).
-        const int32_t* hist = a.hist + row * k_hist_ints;
-        p = key_prefix{0, uint32_t(k_hist1 - 1), r.k, 0};
-        p.prefix = find_digit(hist, k_hist1, p.kk, sh);
-        p.ties = hist[p.prefix] > p.kk;
+        // Sign scores: the only digit was found by the scoring kernel's last block of the head's
+        // group (no digit kernel launch); the 8 keys are one 16-byte load (p0 is 8-aligned, and
+        // p0 < n keeps it inside the padded row).
+        p = a.sel[row];
         const uint16_t* keys = reinterpret_cast<const uint16_t*>(a.scores) + row * pad8(a.n_max);
         uint4 v = make_uint4(0u, 0u, 0u, 0u);
         if (p0 < n) v = *reinterpret_cast<const uint4*>(keys + p0);
@@ -1296,7 +1331,7 @@ void prepare_run(const config& cfg, dtype t, int32_t head_dim, int32_t group) {
       prepare_score_d<dtype::f32>(head_dim, group);
       break;
   }
-  allow_smem(sign_scores, size_t(group) * k_hist1 * 4, "the sign scoring kernel");
+  allow_smem(sign_scores, sign_smem(group), "the sign scoring kernel");
 }
 
 // decode.cu: the host checks of dense() and sparse()
@@ -1505,14 +1540,14 @@ void plan::run(const run_args& a, void* workspace, size_t workspace_size, stream
     check(cudaGetLastError(), "preparation kernel launch");
     if (signs) {
       const unsigned blocks = unsigned((p_.n_tokens_max + k_sign_tokens - 1) / k_sign_tokens);
-      const size_t shm = size_t(k.group) * k_hist1 * 4;
-      sign_scores<<<dim3(blocks, hkv, ns), k_sign_threads, shm, stream>>>(k);
+      sign_scores<<<dim3(blocks, hkv, ns), k_sign_threads, sign_smem(k.group), stream>>>(
+          k, sign_copies(k.group));
       check(cudaGetLastError(), "sign scoring kernel launch");
     } else {
       launch_score(p_.kv_type, p_.head_dim, k, dim3(0, hkv, ns), 0, stream);
     }
     stage("score");
-    // Float logits: three digit levels (sign scores: one, found by flag_pass itself).
+    // Float logits: three digit levels (sign scores: one, found by sign_scores itself).
     for (int level = 0; level < (signs ? 0 : 3); ++level) {
       if (level > 0) {
         hist_pass<<<dim3(spans, hq, ns), k_pass_threads, 0, stream>>>(k, level);
