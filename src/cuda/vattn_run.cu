@@ -60,7 +60,7 @@ inline int sign_copies(int group) {
   return c;
 }
 inline size_t sign_smem(int group) {
-  return size_t(std::max(sign_copies(group) * group * k_sign_bins, k_hist1)) * 4;
+  return size_t(sign_copies(group)) * group * k_sign_bins * 4;
 }
 
 // Per (sequence, selection unit): what the selection decided. A unit is one query head, or one
@@ -426,7 +426,6 @@ __global__ void __launch_bounds__(k_prep_threads) prep_kernel(const run_kargs a,
 // CPU's nth_element with its position tie-break, on any number of blocks.
 
 using pscan_t = cub::BlockScan<int, k_pass_threads>;
-static_assert(k_sign_threads == k_pass_threads, "sign_scores runs find_digit (pscan_t)");
 using preduce_t = cub::BlockReduce<int, k_pass_threads>;
 
 struct pass_shared {
@@ -503,9 +502,9 @@ __device__ inline topk_range topk_of(const run_kargs& a, int32_t n) {
 // histograms (sign_copies of them; plain shared atomics, no per-token warp vote), merged into the
 // global one at the end. The last block of a (kv head, sequence) to merge (a ticket from the
 // counter after the group's first histogram, cleared by prep_kernel) finds each head's digit,
-// kk and ties from the finished histograms into sel, once per head, for flag_pass.
+// kk and ties from the finished histograms into sel (one warp per head, in parallel) for flag_pass.
 __global__ void __launch_bounds__(k_sign_threads) sign_scores(const run_kargs a, int copies) {
-  extern __shared__ int shist[];  // [copies, group, k_sign_bins]; then a head's k_hist1 bins
+  extern __shared__ int shist[];  // [copies, group, k_sign_bins]
   __shared__ uint32_t qw[64 * k_max_words];
   __shared__ pass_shared sh;
   const int kvh = blockIdx.y, s = blockIdx.z, G = a.group, W = a.words, tid = threadIdx.x;
@@ -586,17 +585,42 @@ __global__ void __launch_bounds__(k_sign_threads) sign_scores(const run_kargs a,
   __syncthreads();
   if (!sh.i32[0]) return;
   __threadfence();
-  for (int g = 0; g < G; ++g) {
+  // One warp per head of the group, in parallel: lane l holds the head's bins [top - per, top),
+  // top = k_sign_bins - l * per (lane 0 the highest; scores are 0..256, the bins above are never
+  // counted), a warp scan of the lanes' sums finds the lane where the count from the top reaches
+  // k, and that lane the bin: the digit, rank and ties of find_digit over the whole histogram.
+  constexpr int per = (k_sign_bins + 31) / 32;
+  const int lane = tid % 32;
+  for (int g = tid / 32; g < G; g += k_sign_threads / 32) {
     const int32_t* hg = ghist + int64_t(g) * k_hist_ints;
-    for (int b = tid; b < k_hist1; b += blockDim.x) shist[b] = __ldcg(hg + b);
-    __syncthreads();
-    key_prefix p{0, uint32_t(k_hist1 - 1), st.k, 0};
-    p.prefix = find_digit(shist, k_hist1, p.kk, sh);
-    if (tid == 0) {
-      p.ties = shist[p.prefix] > p.kk;
+    const int top = k_sign_bins - lane * per;
+    int v[per], sum = 0;
+#pragma unroll
+    for (int j = 0; j < per; ++j) {
+      v[j] = top - 1 - j >= 0 ? __ldcg(hg + top - 1 - j) : 0;
+      sum += v[j];
+    }
+    int incl = sum;
+#pragma unroll
+    for (int o = 1; o < 32; o *= 2) {
+      const int x = __shfl_up_sync(0xffffffffu, incl, o);
+      if (lane >= o) incl += x;
+    }
+    int64_t above = incl - sum;
+    if (above < st.k && st.k <= int64_t(incl)) {
+      key_prefix p{0, uint32_t(k_hist1 - 1), st.k, 0};
+#pragma unroll
+      for (int j = 0; j < per; ++j) {
+        if (above + v[j] >= st.k) {
+          p.prefix = uint32_t(top - 1 - j);
+          p.kk = st.k - above;
+          p.ties = v[j] > p.kk;
+          break;
+        }
+        above += v[j];
+      }
       a.sel[int64_t(s) * a.n_head_q + kvh * G + g] = p;
     }
-    __syncthreads();
   }
 }
 
