@@ -27,7 +27,7 @@ if "longest" in c[0]:
     ax2.legend(loc="center right", fontsize=8)
 ax.set(xlabel="step", ylabel="loss", title=f"{log['parameters'] / 1e6:.1f}M parameters, "
        f"{log['gpu']}, {log['seconds']:.0f} s")
-ax.legend(loc="upper right", fontsize=8)
+ax.legend(loc="upper center", fontsize=8)
 ax.grid(True, alpha=0.3)
 fig.tight_layout()
 fig.savefig(args.out, dpi=110)
