@@ -100,3 +100,45 @@ def test_eval_command_line(tmp_path):
     r = subprocess.run([sys.executable, "-m", "vattn", "eval", "--model", MODEL, "--tasks",
                         "nope"], capture_output=True, text=True)
     assert r.returncode == 2 and "unknown task" in r.stderr
+
+
+def test_jobs_give_the_results_of_one_job(model):
+    m, tok = model
+    methods = [x for x in veval.methods([0.1], [0.1], [], [], "output")
+               if x["name"] in ("dense", "topk_oracle@0.1", "vattention_oracle@eps0.1")]
+    kw = dict(task_names=["niah_single", "variable_tracking"], lengths=[400], samples=2, seed=3,
+              method_list=methods, quiet=True)
+    one = veval.run(m, tok, **kw)
+    two = veval.run(m, tok, **kw, jobs=2, model_dir=MODEL, threads=1)
+    assert one == two
+    # a sample depends on its task, length, index and seed, not on the other tasks of the run
+    only = veval.run(m, tok, **{**kw, "task_names": ["variable_tracking"]})
+    assert only["dense"]["accuracy"]["variable_tracking"] == \
+        one["dense"]["accuracy"]["variable_tracking"]
+
+
+def test_vattention_sizes_and_saved_runs(tmp_path):
+    names = [m["name"] for m in veval.methods([], [0.2], [], ["signs"], "output", 0.01, 0.02)]
+    assert names == ["dense", "vattention_oracle/k0.01b0.02@eps0.2",
+                     "vattention_signs/k0.01b0.02@eps0.2"]
+    cfg = veval.methods([], [0.2], [], [], "output", 0.01, 0.02)[1]["config"]
+    assert "topk=0.01" in str(cfg) and "base=0.02" in str(cfg)
+    # runs saved with --json merge into one table and plot without the model
+    runs = []
+    for i, method in enumerate(["dense", "topk_oracle"]):
+        out = tmp_path / f"run{i}.json"
+        r = subprocess.run([sys.executable, "-m", "vattn", "eval", "--model", MODEL, "--tasks",
+                            "niah_single", "--lengths", "300", "--samples", "1", "--methods",
+                            method, "--densities", "0.2", "--json", str(out), "--quiet"],
+                           capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, r.stderr
+        runs.append(str(out))
+    md = tmp_path / "all.md"
+    r = subprocess.run([sys.executable, "-m", "vattn", "eval", "--from-json", ",".join(runs),
+                        "--markdown", str(md)], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    rows = md.read_text().splitlines()
+    assert rows[2].startswith("| dense |") and rows[3].startswith("| topk_oracle@0.2 |")
+    r = subprocess.run([sys.executable, "-m", "vattn", "eval", "--from-json",
+                        str(tmp_path / "nope.json")], capture_output=True, text=True)
+    assert r.returncode == 2 and "--from-json" in r.stderr

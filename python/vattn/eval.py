@@ -33,8 +33,11 @@ CORE = 0.01  # sink and local window, each as a fraction of n, for the sparse me
 
 
 def methods(densities: List[float], eps_list: List[float], top_p: List[float],
-            predictors: List[str], mode: str) -> List[dict]:
-    """The methods to run: name, family, nominal density, config (None for dense)."""
+            predictors: List[str], mode: str, vtopk: float = 0.025,
+            vbase: float = 0.025) -> List[dict]:
+    """The methods to run: name, family, nominal density, config (None for dense). vAttention
+    uses top-k vtopk and base sample vbase (fractions of n); names carry them when they are not
+    the paper's 2.5% each."""
     out = [{"name": "dense", "family": "dense", "nominal": 1.0, "config": None}]
     for rho in densities:
         rest = max(rho - 2 * CORE, 0.001)
@@ -50,12 +53,13 @@ def methods(densities: List[float], eps_list: List[float], top_p: List[float],
     for p in top_p:
         out.append({"name": f"topp@{p:g}", "family": "topp", "nominal": None,
                     "config": Config("topp", sink=CORE, local=CORE, top_p=p)})
+    sizes = "" if (vtopk, vbase) == (0.025, 0.025) else f"/k{vtopk:g}b{vbase:g}"
     for eps in eps_list:
         for pred in ["oracle"] + predictors:
-            out.append({"name": f"vattention_{pred}@eps{eps:g}", "family": f"vattention_{pred}",
-                        "nominal": None, "eps": eps,
-                        "config": Config("vattention", sink=CORE, local=CORE, topk=0.025,
-                                         base=0.025, eps=eps, delta=eps, mode=mode,
+            out.append({"name": f"vattention_{pred}{sizes}@eps{eps:g}",
+                        "family": f"vattention_{pred}{sizes}", "nominal": None, "eps": eps,
+                        "config": Config("vattention", sink=CORE, local=CORE, topk=vtopk,
+                                         base=vbase, eps=eps, delta=eps, mode=mode,
                                          predictor=pred)})
     return out
 
@@ -96,61 +100,123 @@ def _save_dump(path: str, q, k, v, meta: dict) -> None:
                "v": v.half().contiguous()}, path, metadata={k_: str(v_) for k_, v_ in meta.items()})
 
 
-def run(model, tok, *, task_names: List[str], lengths: List[int], samples: int, seed: int,
-        method_list: List[dict], errors: bool = True, dump: Optional[str] = None,
-        dump_layers: List[int] = (), quiet: bool = False) -> dict:
-    hay = tasks.Haystack(tasks.load_corpus())
+def _sample(task: str, length: int, i: int, seed: int, hay) -> "tasks.Sample":
+    """Sample i of (task, length): the same whichever tasks, lengths or jobs a run has."""
+    rng = np.random.default_rng([seed, list(tasks.TASKS).index(task), length])
+    for _ in range(i):
+        tasks.make(task, rng, hay, length)
+    return tasks.make(task, rng, hay, length)
+
+
+def _run_unit(model, tok, hay, task: str, length: int, i: int, *, seed: int,
+              method_list: List[dict], errors: bool, dump: Optional[str],
+              dump_layers: List[int], step=None) -> Dict[str, dict]:
+    """Prefill sample i of (task, length) once, then decode its answer with every method.
+    Returns per method: the score and the per-layer records of every decode step."""
     # transformers renamed generate's past_key_values to cache (5.2x); take whichever it has
     cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else \
         "past_key_values"
+    sample = _sample(task, length, i, seed, hay)
+    ids = torch.tensor([_encode(tok, sample.prompt)])
+    new = len(sample.target) + 4
+    hf.disable(model)
+    with torch.no_grad():
+        cache = model(ids[:, :-1], use_cache=True).past_key_values
+    want_dump = bool(dump) and i == 0
+    out_ = {}
+    for m in method_list:
+        c = copy.deepcopy(cache)
+        run_ = None
+        if m["config"] is None:
+            hf.disable(model)
+        else:
+            run_ = hf.enable(model, m["config"], collect=True, errors=errors,
+                             capture=set(dump_layers) if want_dump else None)
+        with torch.no_grad():
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new,
+                                 do_sample=False, pad_token_id=tok.pad_token_id, **{cache_kw: c})
+        text = tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+        records = []
+        if run_ is not None:
+            for rec in run_.records:
+                records.append({"layer": rec["layer"], "density": rec["density"].mean().item(),
+                                "error": rec["error"].mean().item() if errors else None,
+                                "error_max": rec["error"].max().item() if errors else None})
+            # the first decode step's q, K, V are the same for every method
+            for layer, (q, k, v) in run_.collector.captured.items():
+                _save_dump(os.path.join(dump, f"{task}_{length}_layer{layer}.safetensors"), q, k, v,
+                           {"task": task, "length": length, "layer": layer, "seed": seed})
+            want_dump = want_dump and not run_.collector.captured
+        out_[m["name"]] = {"score": tasks.score(sample, text), "records": records}
+        if step:
+            step()
+    hf.disable(model)
+    return out_
+
+
+_job = {}
+
+
+def _job_init(model_dir: str, threads: int) -> None:
+    import transformers
+
+    torch.set_num_threads(threads)
+    _job["tok"] = transformers.AutoTokenizer.from_pretrained(model_dir)
+    _job["model"] = transformers.AutoModelForCausalLM.from_pretrained(
+        model_dir, dtype=torch.float32).eval()
+    _job["hay"] = tasks.Haystack(tasks.load_corpus())
+
+
+def _job_unit(unit: tuple, kw: dict):
+    task, length, i = unit
+    return unit, _run_unit(_job["model"], _job["tok"], _job["hay"], task, length, i, **kw)
+
+
+def run(model, tok, *, task_names: List[str], lengths: List[int], samples: int, seed: int,
+        method_list: List[dict], errors: bool = True, dump: Optional[str] = None,
+        dump_layers: List[int] = (), quiet: bool = False, jobs: int = 1,
+        model_dir: Optional[str] = None, threads: int = 1) -> dict:
+    """Every method on `samples` prompts per task and length. With jobs > 1 the prompts are
+    shared among that many processes (each loads the model from model_dir and uses `threads`
+    threads); the results do not depend on the number of jobs."""
     results = {m["name"]: {"family": m["family"], "nominal_density": m["nominal"],
                            "eps": m.get("eps"), "config": str(m["config"] or "method=dense"),
                            "scores": {}, "records": []} for m in method_list}
-    bar = _progress(len(task_names) * len(lengths) * samples * len(method_list), quiet)
+    units = [(t, L, i) for t in task_names for L in lengths for i in range(samples)]
+    bar = _progress(len(units) * len(method_list), quiet)
     if dump:
         os.makedirs(dump, exist_ok=True)
-    for ti, task in enumerate(task_names):
-        for length in lengths:
-            rng = np.random.default_rng([seed, ti, length])
-            for i in range(samples):
-                sample = tasks.make(task, rng, hay, length)
-                ids = torch.tensor([_encode(tok, sample.prompt)])
-                new = len(sample.target) + 4
-                hf.disable(model)
-                with torch.no_grad():
-                    cache = model(ids[:, :-1], use_cache=True).past_key_values
-                want_dump = bool(dump) and i == 0
-                for m in method_list:
-                    c = copy.deepcopy(cache)
-                    run_ = None
-                    if m["config"] is None:
-                        hf.disable(model)
-                    else:
-                        run_ = hf.enable(model, m["config"], collect=True, errors=errors,
-                                         capture=set(dump_layers) if want_dump else None)
-                    with torch.no_grad():
-                        out = model.generate(ids, attention_mask=torch.ones_like(ids),
-                                             max_new_tokens=new, do_sample=False,
-                                             pad_token_id=tok.pad_token_id, **{cache_kw: c})
-                    text = tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
-                    r = results[m["name"]]
-                    r["scores"].setdefault(task, {}).setdefault(str(length), []).append(
-                        tasks.score(sample, text))
-                    if run_ is not None:
-                        for rec in run_.records:
-                            r["records"].append(
-                                {"layer": rec["layer"],
-                                 "density": rec["density"].mean().item(),
-                                 "error": rec["error"].mean().item() if errors else None,
-                                 "error_max": rec["error"].max().item() if errors else None})
-                        # the first decode step's q, K, V are the same for every method
-                        for layer, (q, k, v) in run_.collector.captured.items():
-                            _save_dump(os.path.join(
-                                dump, f"{task}_{length}_layer{layer}.safetensors"), q, k, v,
-                                {"task": task, "length": length, "layer": layer, "seed": seed})
-                        want_dump = want_dump and not run_.collector.captured
-                    bar.update(1)
-                hf.disable(model)
+    kw = dict(seed=seed, method_list=method_list, errors=errors, dump=dump,
+              dump_layers=list(dump_layers))
+
+    def take(unit, per_method):
+        task, length, _ = unit
+        for name, got in per_method.items():
+            r = results[name]
+            r["scores"].setdefault(task, {}).setdefault(str(length), []).append(got["score"])
+            r["records"].extend(got["records"])
+
+    if jobs > 1:
+        import concurrent.futures as cf
+        import multiprocessing
+
+        if model_dir is None:
+            raise ValueError("run: jobs > 1 needs model_dir (each job loads the model)")
+        done = {}
+        with cf.ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"),
+                                    initializer=_job_init,
+                                    initargs=(model_dir, threads)) as pool:
+            futures = [pool.submit(_job_unit, u, kw) for u in units]
+            for f in cf.as_completed(futures):
+                unit, per_method = f.result()
+                done[unit] = per_method
+                bar.update(len(method_list))
+        for u in units:  # in the order of a single job, so records line up the same way
+            take(u, done[u])
+    else:
+        hay = tasks.Haystack(tasks.load_corpus())
+        for u in units:
+            take(u, _run_unit(model, tok, hay, *u, **kw, step=lambda: bar.update(1)))
     bar.close()
     return summarise(results, errors)
 
@@ -224,14 +290,16 @@ def plot(summary: dict, path: str) -> None:
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     families = sorted({r["family"] for r in summary.values()})
-    for fam in families:
+    colours = plt.get_cmap("tab20").colors
+    for i, fam in enumerate(families):  # one colour per family in both panels
         rows = sorted([r for r in summary.values() if r["family"] == fam],
                       key=lambda r: r["density"])
         d = [r["density"] for r in rows]
         style = "o-" if fam.startswith("vattention") else "s--"
-        axes[0].plot(d, [r["accuracy_mean"] for r in rows], style, label=fam)
+        c = colours[(2 * i) % 20 + (2 * i) // 20 % 2]
+        axes[0].plot(d, [r["accuracy_mean"] for r in rows], style, color=c, label=fam)
         if fam != "dense" and rows[0].get("error_mean") is not None:
-            axes[1].plot(d, [r["error_mean"] for r in rows], style, label=fam)
+            axes[1].plot(d, [r["error_mean"] for r in rows], style, color=c, label=fam)
     axes[0].set(xscale="log", xlabel="measured density", ylabel="accuracy (all tasks)",
                 title="accuracy vs density")
     axes[1].set(xscale="log", yscale="log", xlabel="measured density",
@@ -243,9 +311,38 @@ def plot(summary: dict, path: str) -> None:
     fig.savefig(path, dpi=120)
 
 
+def _render_saved(ap, args) -> int:
+    summary, names = {}, []
+    for path in args.from_json.split(","):
+        try:
+            with open(path) as f:
+                saved = json.load(f)
+            got = saved["methods"]
+        except (OSError, ValueError, KeyError) as e:
+            ap.error(f"--from-json: {path}: expected a vattn eval --json file ({e})")
+        for name, row in got.items():
+            summary.setdefault(name, row)  # the first file's row of a method shown twice wins
+            names += [t for t in row["accuracy"] if t not in names]
+    if args.tasks != "all":
+        names = [t for t in names if t in args.tasks.split(",")]
+    print(table(summary, names))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"args": vars(args), "methods": summary}, f, indent=1)
+    if args.plot:
+        plot(summary, args.plot)
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(markdown(summary, names) + "\n")
+    return 0
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     ap = argparse.ArgumentParser(prog="vattn eval", description=__doc__.splitlines()[0])
-    ap.add_argument("--model", required=True, help="a local HF model directory")
+    ap.add_argument("--model", help="a local HF model directory")
+    ap.add_argument("--from-json", help="comma list of --json files of earlier runs: merge their "
+                                        "methods and write the table, --markdown and --plot "
+                                        "without running anything")
     ap.add_argument("--tasks", default="all", help=f"comma list of {','.join(tasks.TASKS)}")
     ap.add_argument("--lengths", default="1024,2048,4096", help="prompt lengths in bytes")
     ap.add_argument("--samples", type=int, default=5, help="samples per task and length")
@@ -255,6 +352,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--top-p", default="0.9")
     ap.add_argument("--predictors", default="pages,signs")
     ap.add_argument("--mode", default="output", help="vAttention budget mode")
+    ap.add_argument("--vattention-topk", type=float, default=0.025,
+                    help="vAttention's top-k as a fraction of n")
+    ap.add_argument("--vattention-base", type=float, default=0.025,
+                    help="vAttention's base sample as a fraction of n")
     ap.add_argument("--methods", help="run only methods whose name starts with one of these")
     ap.add_argument("--no-errors", action="store_true", help="skip measuring attention errors")
     ap.add_argument("--json", help="write the summary here")
@@ -262,21 +363,32 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--markdown", help="write the table as markdown here")
     ap.add_argument("--dump", help="write q/K/V of the first decode step to this folder")
     ap.add_argument("--dump-layers", default="0", help="layers to dump")
-    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    ap.add_argument("--threads", type=int, default=0,
+                    help="torch threads per job (0: torch's default; 1 with --jobs)")
+    ap.add_argument("--jobs", type=int, default=1,
+                    help="processes sharing the prompts (each loads the model; same results)")
     ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args(argv)
+    if args.from_json:
+        return _render_saved(ap, args)
+    if not args.model:
+        ap.error("--model is required (or --from-json)")
 
     import transformers
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    if args.jobs < 1:
+        ap.error("--jobs: expected a count >= 1")
+    threads = args.threads or (1 if args.jobs > 1 else 0)
+    if threads:
+        torch.set_num_threads(threads)
     names = list(tasks.TASKS) if args.tasks == "all" else args.tasks.split(",")
     for t in names:
         if t not in tasks.TASKS:
             ap.error(f"unknown task {t!r}; expected some of {','.join(tasks.TASKS)}")
     floats = lambda s: [float(x) for x in s.split(",") if x]
     method_list = methods(floats(args.densities), floats(args.eps), floats(args.top_p),
-                          [p for p in args.predictors.split(",") if p], args.mode)
+                          [p for p in args.predictors.split(",") if p], args.mode,
+                          args.vattention_topk, args.vattention_base)
     if args.methods:
         keep = tuple(args.methods.split(","))
         method_list = [m for m in method_list if m["name"].startswith(keep)]
@@ -288,7 +400,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                   samples=args.samples, seed=args.seed, method_list=method_list,
                   errors=not args.no_errors, dump=args.dump,
                   dump_layers=[int(x) for x in args.dump_layers.split(",") if x],
-                  quiet=args.quiet)
+                  quiet=args.quiet, jobs=args.jobs, model_dir=args.model, threads=threads or 1)
     print(table(summary, names))
     print(f"({time.time() - t0:.0f} s)")
     if args.json:
