@@ -311,6 +311,19 @@ def plot(summary: dict, path: str) -> None:
     fig.savefig(path, dpi=120)
 
 
+def _write_outputs(args, summary: dict, names: List[str]) -> int:
+    """--json, --plot and --markdown of a summary."""
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"args": vars(args), "methods": summary}, f, indent=1)
+    if args.plot:
+        plot(summary, args.plot)
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(markdown(summary, names) + "\n")
+    return 0
+
+
 def _render_saved(ap, args) -> int:
     summary, names = {}, []
     for path in args.from_json.split(","):
@@ -326,15 +339,7 @@ def _render_saved(ap, args) -> int:
     if args.tasks != "all":
         names = [t for t in names if t in args.tasks.split(",")]
     print(table(summary, names))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"args": vars(args), "methods": summary}, f, indent=1)
-    if args.plot:
-        plot(summary, args.plot)
-    if args.markdown:
-        with open(args.markdown, "w") as f:
-            f.write(markdown(summary, names) + "\n")
-    return 0
+    return _write_outputs(args, summary, names)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -403,12 +408,4 @@ def main(argv: Optional[List[str]] = None) -> int:
                   quiet=args.quiet, jobs=args.jobs, model_dir=args.model, threads=threads or 1)
     print(table(summary, names))
     print(f"({time.time() - t0:.0f} s)")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"args": vars(args), "methods": summary}, f, indent=1)
-    if args.plot:
-        plot(summary, args.plot)
-    if args.markdown:
-        with open(args.markdown, "w") as f:
-            f.write(markdown(summary, names) + "\n")
-    return 0
+    return _write_outputs(args, summary, names)
