@@ -142,3 +142,6 @@ def test_vattention_sizes_and_saved_runs(tmp_path):
     r = subprocess.run([sys.executable, "-m", "vattn", "eval", "--from-json",
                         str(tmp_path / "nope.json")], capture_output=True, text=True)
     assert r.returncode == 2 and "--from-json" in r.stderr
+    r = subprocess.run([sys.executable, "-m", "vattn", "eval", "--model", MODEL,
+                        "--vattention-topk", "2"], capture_output=True, text=True)
+    assert r.returncode == 2 and "--vattention-topk" in r.stderr

@@ -383,6 +383,10 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     if args.jobs < 1:
         ap.error("--jobs: expected a count >= 1")
+    for name in ("vattention_topk", "vattention_base"):
+        if not 0 < getattr(args, name) < 1:
+            ap.error(f"--{name.replace('_', '-')}: expected a fraction of n in (0, 1), "
+                     f"got {getattr(args, name)}")
     threads = args.threads or (1 if args.jobs > 1 else 0)
     if threads:
         torch.set_num_threads(threads)
@@ -397,9 +401,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.methods:
         keep = tuple(args.methods.split(","))
         method_list = [m for m in method_list if m["name"].startswith(keep)]
-    tok = transformers.AutoTokenizer.from_pretrained(args.model)
-    model = transformers.AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
-    model.eval()
+    tok = model = None  # with --jobs each job loads its own
+    if args.jobs == 1:
+        tok = transformers.AutoTokenizer.from_pretrained(args.model)
+        model = transformers.AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
+        model.eval()
     t0 = time.time()
     summary = run(model, tok, task_names=names, lengths=[int(x) for x in args.lengths.split(",")],
                   samples=args.samples, seed=args.seed, method_list=method_list,
