@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdio>
 #include <iterator>
 #include <memory>
 #include <set>
@@ -204,6 +205,95 @@ TEST(CpuVsReference, Predictors) {
   }
 }
 
+// refine: a shortlist by the unit's score, re-ranked by exact logits per head. The same F,
+// sample, stats (the shortlist's K rows in bytes_kv) and output as the reference.
+TEST(CpuVsReference, RefinedPredictors) {
+  const std::vector<std::string> preds = {"predictor=pages,pred_page=1",
+                                          "predictor=pages,pred_page=5", "predictor=signs,bits=32",
+                                          "predictor=signs,bits=128"};
+  int32_t seed = 90;
+  for (const std::string& pred : preds) {
+    for (const char* refine : {"refine=1", "refine=2.5", "refine=64"}) {
+      for (const char* m : {"topk", "vattention"}) {
+        for (bool shared : {false, true}) {
+          config cfg = parse_config(pred + "," + refine, small_config(m));
+          cfg.gqa_shared = shared;
+          const dtype t = seed % 3 == 0 ? dtype::f32 : seed % 3 == 1 ? dtype::f16 : dtype::bf16;
+          const kv_layout layout = seed % 2 ? kv_layout::paged : kv_layout::contiguous;
+          batch b = make_batch(synth::family::heavy_hitters, {1, 13, 40, 513, 1025}, 4, 2, 24, t,
+                               layout, uint64_t(++seed), 16);
+          expect_matches_reference(cfg, b,
+                                   pred + " " + refine + " " + m + (shared ? " shared" : ""));
+        }
+      }
+    }
+  }
+}
+
+// refine = 1 with gqa_shared selects k tokens per kv group (not the union of the heads' k);
+// refine > 1 brings the predictor's choice closer to the oracle's top-k.
+TEST(Predictors, RefineSelectsPerGroupAndRaisesRecall) {
+  const int32_t n = 4096, d = 64, H = 2, G = 4;
+  batch b = make_batch(synth::family::heavy_hitters, {n}, H * G, H, d, dtype::bf16,
+                       kv_layout::contiguous, 77);
+  auto chosen = [&](const std::string& text, int32_t head) {
+    config cfg = parse_config(text, method_config("topk"));
+    run_args a = b.args();
+    const auto ix = index_for(cfg, b, a);
+    run_cpu(cfg, b, a, 2);
+    const head_stats& st = b.stats[head];
+    const int32_t* idx = b.indices.data() + int64_t(head) * b.n_max();
+    return std::make_pair(st, std::set<int32_t>(idx, idx + st.n_f));
+  };
+  const int64_t k = n / 20, fixed = 256;  // topk 5%, sink 128 + local 128
+  for (const char* pred : {"predictor=signs,bits=128", "predictor=pages"}) {
+    SCOPED_TRACE(pred);
+    const std::string p = pred;
+    const auto [union_st, union_f] = chosen(p + ",gqa_shared=1", 0);
+    const auto [group_st, group_f] = chosen(p + ",gqa_shared=1,refine=1", 0);
+    EXPECT_GE(union_st.n_f, group_st.n_f);
+    if (p.find("signs") != std::string::npos) {
+      EXPECT_GT(union_st.n_f, fixed + k + k / 2) << "the union of 4 heads' top-k";
+      EXPECT_EQ(group_st.n_f, fixed + k);
+    } else {
+      EXPECT_LT(group_st.n_f, fixed + k + 16);  // whole pages of 16
+    }
+    double rec_plain = 0, rec_refined = 0;
+    for (int32_t h = 0; h < H * G; ++h) {
+      const auto oracle = chosen("predictor=oracle", h).second;
+      const auto plain = chosen(p, h).second;
+      const auto refined = chosen(p + ",refine=4", h).second;
+      for (int32_t t : oracle) rec_plain += plain.count(t), rec_refined += refined.count(t);
+      EXPECT_EQ(int64_t(refined.size()), fixed + k);
+    }
+    // recall of the oracle's top-k (sinks and local are in every F)
+    rec_plain = (rec_plain - double(H * G * fixed)) / double(H * G * k);
+    rec_refined = (rec_refined - double(H * G * fixed)) / double(H * G * k);
+    std::printf("%s: recall of the oracle top-k, plain %.3f, refine=4 %.3f\n", pred, rec_plain,
+                rec_refined);
+    EXPECT_GT(rec_refined, rec_plain + 0.05);
+  }
+}
+
+TEST(Predictors, RefineRejectsBadValues) {
+  auto msg = [](const std::string& text) {
+    try {
+      parse_config(text, method_config("vattention")).validate();
+    } catch (const error& e) {
+      return std::string(e.what());
+    }
+    return std::string("no error");
+  };
+  EXPECT_NE(msg("predictor=signs,refine=0.5").find("refine must be 0 (off) or in [1, 64]"),
+            std::string::npos);
+  EXPECT_NE(msg("predictor=signs,refine=65").find("refine must be"), std::string::npos);
+  EXPECT_NE(msg("predictor=oracle,refine=2").find("predictor=pages or signs"), std::string::npos);
+  EXPECT_NE(msg("predictor=signs,refine=nan").find("refine"), std::string::npos);
+  EXPECT_EQ(msg("predictor=signs,refine=2"), "no error");
+  const config c = parse_config("predictor=signs,refine=2", method_config("vattention"));
+  EXPECT_EQ(parse_config(c.to_string()).refine, 2.0);
+}
+
 // A predictor reads its index, not K: bytes fall well below the oracle's.
 TEST(Predictors, ReadFewerBytesThanOracle) {
   batch b = make_batch(synth::family::heavy_hitters, {4000}, 4, 1, 64, dtype::bf16,
@@ -305,11 +395,13 @@ TEST(Layouts, PagedEqualsContiguous) {
 
 // Results do not depend on the number of threads.
 TEST(Threads, IdenticalFor1_2_8) {
-  for (const char* m : {"vattention", "random", "hub", "dense", "signs"}) {
-    config cfg = std::string(m) == "signs"
-                     ? parse_config("predictor=signs", small_config("vattention"))
+  for (const char* m : {"vattention", "random", "hub", "dense", "signs", "refine"}) {
+    const std::string name = m;
+    config cfg = name == "signs" ? parse_config("predictor=signs", small_config("vattention"))
+                 : name == "refine"
+                     ? parse_config("predictor=pages,refine=3", small_config("vattention"))
                      : small_config(m);
-    cfg.gqa_shared = std::string(m) == "random";
+    cfg.gqa_shared = name == "random" || name == "refine";
     std::vector<std::vector<float>> outs;
     std::vector<std::vector<int32_t>> idx;
     for (int32_t t : {1, 2, 8}) {

@@ -46,6 +46,7 @@ struct bench_options {
   double eps = 0.05, delta = 0.05;
   std::vector<std::string> methods{"dense", "topk", "vattention"};
   std::vector<std::string> predictors{"oracle", "pages", "signs"};
+  std::vector<double> refines{0};  // re-ranking factors of pages/signs rows (0: none)
   std::vector<std::string> families{"heavy_hitters"};
   std::string extra;
   int reps = 5;
@@ -371,6 +372,7 @@ void measure_group(const bench_options& o, const std::vector<row_spec>& specs, d
     } else if (has_pred && recall_fits) {
       config oc = cfg;
       oc.pred = predictor::oracle;
+      oc.refine = 0;
       std::vector<float> scratch(out.size());
       // An untimed run at the last timed step that records the tokens each head read.
       auto run_for_indices = [&](const plan& p, run_args r, std::vector<int32_t>& idx,
@@ -402,7 +404,14 @@ void measure_group(const bench_options& o, const std::vector<row_spec>& specs, d
     row["context"] = n;
     row["batch"] = batch;
     row["method"] = sp.method;
-    row["predictor"] = has_pred ? predictor_name(cfg.pred) : "-";
+    row["predictor"] = !has_pred         ? std::string("-")
+                       : cfg.refine == 0 ? std::string(predictor_name(cfg.pred))
+                                         : predictor_name(cfg.pred) + std::string("+r") + ([&] {
+                                             char b[32];
+                                             std::snprintf(b, sizeof b, "%g", cfg.refine);
+                                             return std::string(b);
+                                           }());
+    row["refine"] = cfg.refine;
     row["config"] = cfg.to_string();
     row["reps"] = o.reps;
     row["median_ms"] = med;
@@ -473,6 +482,8 @@ std::vector<row_spec> build_specs(const bench_options& o, const std::vector<pred
         c.top_p = d.top_p, c.sample = d.sample, c.hub = d.hub, c.gqa_shared = d.gqa_shared;
         c.pred = d.pred;
       }
+      // re-ranking applies to the approximate predictors' top-k rows only
+      if (c.select != selector::topk || c.pred == predictor::oracle) c.refine = 0;
       c.validate();
     } catch (const error& e) {
       throw error("--config on method " + m + ": " + e.what());
@@ -488,9 +499,13 @@ std::vector<row_spec> build_specs(const bench_options& o, const std::vector<pred
     const config c = preset(m);
     if (c.select == selector::topk && !c.hub) {
       for (predictor p : preds) {
-        config cp = c;
-        cp.pred = p;
-        specs.push_back({m, with_extra(m, cp)});
+        for (double r : o.refines) {
+          if (p == predictor::oracle && r != 0) continue;  // exact scores need no re-ranking
+          config cp = c;
+          cp.pred = p;
+          cp.refine = r;
+          specs.push_back({m, with_extra(m, cp)});
+        }
       }
     } else {
       specs.push_back({m, with_extra(m, c)});
@@ -501,6 +516,9 @@ std::vector<row_spec> build_specs(const bench_options& o, const std::vector<pred
 
 void validate(const bench_options& o) {
   if (o.contexts.empty()) throw error("--context: give at least one length");
+  for (double r : o.refines)
+    if (!(r == 0 || (r >= 1 && r <= 64)))
+      throw error("--refine: each factor must be 0 (none) or in [1, 64], got " + std::to_string(r));
   for (int64_t n : o.contexts)
     if (n < 1 || n > (int64_t(1) << 31) - 1)
       throw error("--context must be in [1, 2^31 - 1] tokens, got " + std::to_string(n));
@@ -637,6 +655,7 @@ void run_bench(const bench_options& o, bool json) {
                    {"delta", o.delta},
                    {"methods", o.methods},
                    {"predictors", o.predictors},
+                   {"refine", o.refines},
                    {"config", o.extra},
                    {"family", o.families},
                    {"reps", o.reps},
@@ -709,6 +728,11 @@ void add_bench(CLI::App& app, bool& json) {
       ->capture_default_str();
   c->add_option("--predictors", o->predictors,
                 "top-k rankers for top-k methods (comma list of oracle, pages, signs)")
+      ->delimiter(',')
+      ->capture_default_str();
+  c->add_option("--refine", o->refines,
+                "re-ranking factors for pages/signs rows (comma list; 0: none; r >= 1: a shortlist "
+                "of r * k tokens ranked by exact logits, see docs/algorithm.md)")
       ->delimiter(',')
       ->capture_default_str();
   c->add_option(

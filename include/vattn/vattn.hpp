@@ -76,7 +76,14 @@ struct config {
   count_or_fraction topk{};  // select == topk; a fraction is of all n tokens
   int32_t pred_page = 16;    // page_bounds: tokens per bounds page, >= 1
   int32_t pred_bits = 64;    // sign_bits: bits per signature, a multiple of 32 in [32, 256]
-  double top_p = 0;          // select == topp, in (0, 1]
+  // Re-ranking of an approximate predictor's choice with exact logits (0 = off, else in
+  // [1, 64]): the unit's predictor scores (per token the maximum over the unit's heads) pick a
+  // shortlist of ceil(refine * k) tokens (pages: whole pages until they hold that many), then
+  // each head's k tokens of the shortlist with the highest exact logits enter F. refine = 1
+  // with gqa_shared selects k tokens per kv group and needs no logits; refine > 1 reads the
+  // shortlist's K rows (faiss calls this re-ranking stage a refine with a k_factor).
+  double refine = 0;
+  double top_p = 0;  // select == topp, in (0, 1]
   sampling sample = sampling::none;
   double sample_rate = 0;              // fixed_rate, in (0, 1]
   count_or_fraction base{0.05, true};  // adaptive: base sample size m; a fraction is of n_s

@@ -351,6 +351,7 @@ NB_MODULE(_core, m) {
       .def_prop_ro("topk", [](const vattn::config& c) { return size_value(c.topk); })
       .def_prop_ro("pred_page", [](const vattn::config& c) { return c.pred_page; })
       .def_prop_ro("pred_bits", [](const vattn::config& c) { return c.pred_bits; })
+      .def_prop_ro("refine", [](const vattn::config& c) { return c.refine; })
       .def_prop_ro("top_p", [](const vattn::config& c) { return c.top_p; })
       .def_prop_ro("sample", [](const vattn::config& c) { return sample_name(c.sample); })
       .def_prop_ro("sample_rate", [](const vattn::config& c) { return c.sample_rate; })

@@ -16,6 +16,16 @@ def test_method_defaults_and_overrides():
     assert c.select == "topk" and c.sample == "adaptive" and c.mode == "output"
 
 
+def test_refine_field():
+    c = vattn.Config("vattention", predictor="signs", refine=4.0, gqa_shared=True)
+    assert c.refine == 4.0 and "refine=4" in str(c)
+    assert vattn.Config.parse(c.to_string()) == c
+    with pytest.raises(ValueError, match="refine"):
+        vattn.Config("vattention", predictor="signs", refine=0.5)
+    with pytest.raises(ValueError, match="pages or signs"):
+        vattn.Config("vattention", refine=2.0)  # the oracle needs no re-ranking
+
+
 def test_text_form_round_trips():
     c = vattn.Config("topk", topk=256)
     again = vattn.Config.parse(c.to_string())

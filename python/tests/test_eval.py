@@ -121,6 +121,11 @@ def test_vattention_sizes_and_saved_runs(tmp_path):
     names = [m["name"] for m in veval.methods([], [0.2], [], ["signs"], "output", 0.01, 0.02)]
     assert names == ["dense", "vattention_oracle/k0.01b0.02@eps0.2",
                      "vattention_signs/k0.01b0.02@eps0.2"]
+    refined = veval.methods([0.05], [], [], ["signs+r4"], "output")[-2]
+    assert refined["name"] == "topk_signs+r4@0.05"
+    assert refined["config"].refine == 4.0 and refined["config"].predictor == "signs"
+    with pytest.raises(ValueError, match="signs\\+rx"):
+        veval.methods([0.05], [], [], ["signs+rx"], "output")
     cfg = veval.methods([], [0.2], [], [], "output", 0.01, 0.02)[1]["config"]
     assert "topk=0.01" in str(cfg) and "base=0.02" in str(cfg)
     # runs saved with --json merge into one table and plot without the model

@@ -6,9 +6,9 @@ from . import _core
 
 # Field names and what they mean: include/vattn/vattn.hpp (struct config) and docs/algorithm.md.
 FIELDS = (
-    "dense", "sink", "local", "select", "predictor", "topk", "pred_page", "pred_bits", "top_p",
-    "sample", "sample_rate", "base", "mode", "eps", "delta", "gqa_shared", "hub", "scale", "seed",
-    "layer",
+    "dense", "sink", "local", "select", "predictor", "topk", "pred_page", "pred_bits", "refine",
+    "top_p", "sample", "sample_rate", "base", "mode", "eps", "delta", "gqa_shared", "hub", "scale",
+    "seed", "layer",
 )
 
 

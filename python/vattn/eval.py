@@ -32,6 +32,20 @@ from .config import Config
 CORE = 0.01  # sink and local window, each as a fraction of n, for the sparse methods
 
 
+def _predictor(name: str) -> dict:
+    """Config keys of a --predictors entry: oracle, pages or signs, optionally re-ranked by exact
+    logits over a shortlist of r * k tokens, written name+rR (e.g. signs+r4)."""
+    pred, sep, r = name.partition("+r")
+    if not sep:
+        return {"predictor": name}
+    try:
+        refine = float(r)
+    except ValueError:
+        raise ValueError(f"--predictors: {name!r}: expected NAME or NAME+rR with R a number "
+                         f"(e.g. signs+r4)") from None
+    return {"predictor": pred, "refine": refine}
+
+
 def methods(densities: List[float], eps_list: List[float], top_p: List[float],
             predictors: List[str], mode: str, vtopk: float = 0.025,
             vbase: float = 0.025) -> List[dict]:
@@ -46,7 +60,7 @@ def methods(densities: List[float], eps_list: List[float], top_p: List[float],
         for pred in ["oracle"] + predictors:
             out.append({"name": f"topk_{pred}@{rho:g}", "family": f"topk_{pred}", "nominal": rho,
                         "config": Config("topk", sink=CORE, local=CORE, topk=rest,
-                                         predictor=pred)})
+                                         **_predictor(pred))})
         out.append({"name": f"random@{rho:g}", "family": "random", "nominal": rho,
                     "config": Config("random", sink=CORE, local=CORE,
                                      sample_rate=rest / (1 - 2 * CORE))})
@@ -60,7 +74,7 @@ def methods(densities: List[float], eps_list: List[float], top_p: List[float],
                         "family": f"vattention_{pred}{sizes}", "nominal": None, "eps": eps,
                         "config": Config("vattention", sink=CORE, local=CORE, topk=vtopk,
                                          base=vbase, eps=eps, delta=eps, mode=mode,
-                                         predictor=pred)})
+                                         **_predictor(pred))})
     return out
 
 
@@ -355,7 +369,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--densities", default="0.05,0.1")
     ap.add_argument("--eps", default="0.05,0.1,0.2", help="vAttention eps = delta values")
     ap.add_argument("--top-p", default="0.9")
-    ap.add_argument("--predictors", default="pages,signs")
+    ap.add_argument("--predictors", default="pages,signs",
+                    help="approximate predictors besides oracle: pages, signs; NAME+rR re-ranks a "
+                         "shortlist of R * k tokens by exact logits (e.g. signs+r4)")
     ap.add_argument("--mode", default="output", help="vAttention budget mode")
     ap.add_argument("--vattention-topk", type=float, default=0.025,
                     help="vAttention's top-k as a fraction of n")

@@ -136,6 +136,8 @@ stage_sizes resolve_stages(const config& cfg, int64_t n) {
   }
   const int64_t middle = n - s.n_sink - s.n_local;
   if (cfg.select == selector::topk) s.k = std::min<int64_t>(resolve_size(cfg.topk, n), middle);
+  if (cfg.refine > 0 && s.k > 0)
+    s.shortlist = std::min<int64_t>(middle, ceil_fraction(cfg.refine, s.k));
   if (middle - s.k < 2) s.dense = true;  // a residual of fewer than 2 tokens: exact is as cheap
   // Fractions can round to zero on short sequences: a method that would read no token at all
   // (no sampling, no top-p, empty sinks, local and top-k) computes exact attention instead.

@@ -55,7 +55,8 @@ namespace vattn::detail {
 // Sizes of the deterministic stages for a sequence of n tokens (SPEC section 2).
 struct stage_sizes {
   int64_t n_sink = 0, n_local = 0, k = 0;
-  bool dense = false;  // exact attention: dense=1, or too short for sparsity
+  int64_t shortlist = 0;  // refine: min(middle, ceil(refine * k)) tokens, else 0
+  bool dense = false;     // exact attention: dense=1, or too short for sparsity
 };
 stage_sizes resolve_stages(const config& cfg, int64_t n);
 

@@ -86,6 +86,13 @@ void config::validate() const {
     fail("pred_page must be in [1, 2^20] tokens, got " + std::to_string(pred_page));
   if (pred_bits < 32 || pred_bits > 256 || pred_bits % 32 != 0)
     fail("pred_bits must be a multiple of 32 in [32, 256], got " + std::to_string(pred_bits));
+  if (!(refine == 0 || (refine >= 1 && refine <= 64)))
+    fail("refine must be 0 (off) or in [1, 64] (shortlist = refine * topk), got " +
+         fmt_double(refine));
+  if (refine != 0 && (select != selector::topk || pred == predictor::oracle))
+    fail(
+        "refine re-ranks an approximate predictor's top-k: it needs select=topk with "
+        "predictor=pages or signs");
   if (dense) {
     if (pred != predictor::oracle)
       fail("dense=1 reads every key: predictor must be oracle, got " + std::to_string(int(pred)));
@@ -169,6 +176,7 @@ std::string config::to_string() const {
       s += ",select=topk,topk=" + fmt_size(topk) + ",predictor=" + predictor_name(pred);
       if (pred == predictor::page_bounds) s += ",pred_page=" + std::to_string(pred_page);
       if (pred == predictor::sign_bits) s += ",pred_bits=" + std::to_string(pred_bits);
+      if (refine != 0) s += ",refine=" + fmt_double(refine);
       break;
     case selector::topp:
       s += ",select=topp,top_p=" + fmt_double(top_p);
@@ -313,6 +321,8 @@ config parse_config(std::string_view text, const config& base) {
       const uint64_t x = parse_u64(k, v);
       if (x > 256) fail("pred_bits must be a multiple of 32 in [32, 256]");
       c.pred_bits = int32_t(x);
+    } else if (k == "refine") {
+      c.refine = parse_number(k, v);
     } else if (k == "sample") {
       if (v == "none")
         c.sample = sampling::none, c.sample_rate = 0;
@@ -358,7 +368,7 @@ config parse_config(std::string_view text, const config& base) {
     } else {
       fail("unknown key '" + std::string(k) +
            "' (known: method, dense, sink, local, select, topk, top_p, predictor, pred_page, "
-           "pred_bits, sample, "
+           "pred_bits, refine, sample, "
            "sample_rate, base, mode, eps, delta, gqa_shared, hub, scale, seed, layer)");
     }
   }

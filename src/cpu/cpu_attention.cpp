@@ -291,6 +291,7 @@ class unit_runner {
     }
     if (n_s < 2) return run_dense(1);
     listed_f_ = n_f;
+    if (refine_rows_ > 0) refined_f_logits(n_f);
 
     const int32_t key_head = cfg.gqa_shared ? kvh_ : h0_;
     const int64_t seq_key = c_.a.seq_id ? c_.a.seq_id[s_] : s_;
@@ -346,7 +347,11 @@ class unit_runner {
         est[x] = estimated_rel_error(cfg.mode, cfg.delta, moments_[x], b);
 
     const double row_bytes = double(d_) * double(sizeof(elem));
-    const double k_rows = oracle ? double(n_) : double(n_f + b);
+    // With refine, F's top-k rows were read with the shortlist, not again.
+    const double k_rows = oracle ? double(n_)
+                          : refine_rows_ > 0
+                              ? double(refine_sink_ + refine_local_ + refine_rows_ + b)
+                              : double(n_f + b);
     const int64_t bytes = int64_t((k_rows + double(n_f + b)) * row_bytes / double(g_)) + pred_bytes;
     for (int32_t x = 0; x < g_; ++x) {
       const head_acc& A = acc_[x];
@@ -401,6 +406,20 @@ class unit_runner {
       if (ws_.flags[t] & 4) dst[k++] = int32_t(t), ws_.flags[t] &= uint8_t(~4);
   }
 
+  // With refine, F's top-k tokens all lie in the shortlist (ws_.sample, ascending), whose
+  // logits select_predicted left in ws_.logits: copy them to F's list positions.
+  void refined_f_logits(int64_t n_f) {
+    const int32_t* list = ws_.sample;
+    for (int32_t x = 0; x < g_; ++x) {
+      const float* from = ws_.logits + int64_t(x) * n_max_;
+      int64_t i = 0;
+      for (int64_t j = refine_sink_; j < n_f - refine_local_; ++j) {
+        while (list[i] != ws_.f[j]) ++i;
+        cl(x)[j] = from[i];
+      }
+    }
+  }
+
   // Logits of listed rows [at, at + cnt): copied when every logit is known, else computed.
   void list_logits(int64_t at, int64_t cnt) {
     const bool have = c_.cfg.select != selector::none && c_.cfg.pred == predictor::oracle;
@@ -409,7 +428,14 @@ class unit_runner {
       const int64_t n_f = listed_f_;
       if (at < n_f) {
         const int64_t c1 = std::min(cnt, n_f - at);
-        src_.logits(ws_.qs, g_, d_, ws_.off + at, ws_.f + at, c1, ws_.cl + at, n_max_);
+        if (refine_rows_ > 0) {  // F's top-k logits are known (refined_f_logits): F is listed
+          // at once, sinks first and the local window last
+          const int64_t ns = refine_sink_, nl = refine_local_, z = n_f - nl;
+          src_.logits(ws_.qs, g_, d_, ws_.off, ws_.f, ns, ws_.cl, n_max_);
+          src_.logits(ws_.qs, g_, d_, ws_.off + z, ws_.f + z, nl, ws_.cl + z, n_max_);
+        } else {
+          src_.logits(ws_.qs, g_, d_, ws_.off + at, ws_.f + at, c1, ws_.cl + at, n_max_);
+        }
         at += c1, cnt -= c1;
       }
       if (cnt > 0)
@@ -568,12 +594,17 @@ class unit_runner {
   }
 
   // Top-k by an approximate predictor (predictors.hpp): every head of the unit scores in one
-  // pass over the index; returns the index bytes read per head.
+  // pass over the index; returns the index bytes read per head. With refine, the shortlist's K
+  // rows read for the exact ranking are counted in refine_rows_.
   int64_t select_predicted(const stage_sizes& st) {
     const pred_impl& ix = c_.a.index->data();
     const int64_t lo = st.n_sink, hi = n_ - st.n_local;
-    if (c_.cfg.pred == predictor::page_bounds) {
-      const int64_t P = c_.cfg.pred_page, p0 = lo / P, p1 = (hi + P - 1) / P;
+    const bool pages = c_.cfg.pred == predictor::page_bounds;
+    const int64_t P = c_.cfg.pred_page, p0 = lo / P, p1 = (hi + P - 1) / P;
+    // Scores of head x: pages at ws_.logits + x * n_max (by page - p0), signs as u16 at
+    // sc + x * n_max (by token - lo).
+    uint16_t* sc = reinterpret_cast<uint16_t*>(ws_.logits);
+    if (pages) {
       const int64_t block = 2048, blocks = (p1 - p0 + block - 1) / block;
       VATTN_TASKLOOP
       for (int64_t b = 0; b < blocks; ++b) {
@@ -581,11 +612,9 @@ class unit_runner {
         page_upper_bounds_heads(ix, s_, kvh_, q(0), g_, a, std::min(p1, a + block),
                                 ws_.logits + (a - p0), n_max_);
       }
-      for (int32_t x = 0; x < g_; ++x) select_pages(ws_.logits + x * n_max_, lo, hi, st.k);
     } else {
       uint32_t qsig[256 * 8];
       for (int32_t x = 0; x < g_; ++x) query_signature(ix, kvh_, q(x), qsig + x * ix.words);
-      uint16_t* sc = reinterpret_cast<uint16_t*>(ws_.logits);  // [g, n_max] as u16
       const int64_t block = 16384, blocks = (hi - lo + block - 1) / block;
       VATTN_TASKLOOP
       for (int64_t b = 0; b < blocks; ++b) {
@@ -593,33 +622,84 @@ class unit_runner {
         sign_matches_heads(ix, s_, kvh_, qsig, g_, a, std::min(hi, a + block), sc + (a - lo),
                            n_max_);
       }
-      for (int32_t x = 0; x < g_; ++x) select_signs(sc + x * n_max_, lo, hi, st.k);
     }
-    return predictor_read_bytes(ix, n_) / g_;
+    const int64_t index_bytes = predictor_read_bytes(ix, n_) / g_;
+    auto mark = [this](int64_t t) { ws_.flags[t] = 1; };
+    if (st.shortlist == 0) {
+      for (int32_t x = 0; x < g_; ++x) {
+        if (pages)
+          top_pages(ws_.logits + x * n_max_, lo, hi, st.k, mark);
+        else
+          top_signs(sc + x * n_max_, lo, hi, st.k, mark);
+      }
+      return index_bytes;
+    }
+    // refine: the shortlist by the unit's score (the maximum over its heads, kept in row 0).
+    for (int32_t x = 1; x < g_; ++x) {
+      if (pages) {
+        const float* r = ws_.logits + x * n_max_;
+        for (int64_t i = 0; i < p1 - p0; ++i) ws_.logits[i] = std::max(ws_.logits[i], r[i]);
+      } else {
+        const uint16_t* r = sc + x * n_max_;
+        for (int64_t i = 0; i < hi - lo; ++i) sc[i] = std::max(sc[i], r[i]);
+      }
+    }
+    int32_t* list = ws_.sample;  // the shortlist's tokens; the sample is drawn later
+    int64_t len = 0;
+    auto add = [list, &len](int64_t t) { list[len++] = int32_t(t); };
+    if (pages) {
+      top_pages(ws_.logits, lo, hi, st.shortlist, add);
+      std::sort(list, list + len);  // gathers walk memory forward
+    } else {
+      top_signs(sc, lo, hi, st.shortlist, add);  // ascending already
+    }
+    if (len <= st.k) {  // every head takes the whole shortlist: no logit needed
+      for (int64_t i = 0; i < len; ++i) ws_.flags[list[i]] = 1;
+      return index_bytes;
+    }
+    // Exact logits of the shortlist for every head (one K row read serves the unit), kept in
+    // ws_.logits (the scores are spent) for F's rows; then each head's k best (logit
+    // descending, lower position first).
+    list_rows(0, list, len);
+    src_.logits(ws_.qs, g_, d_, ws_.off, list, len, ws_.logits, n_max_);
+    for (int32_t x = 0; x < g_; ++x) {
+      const float* l = ws_.logits + x * n_max_;
+      int32_t* perm = ws_.cand;
+      for (int64_t i = 0; i < len; ++i) perm[i] = int32_t(i);
+      auto better = [l](int32_t a, int32_t b) { return l[a] != l[b] ? l[a] > l[b] : a < b; };
+      std::nth_element(perm, perm + st.k, perm + len, better);
+      for (int64_t i = 0; i < st.k; ++i) ws_.flags[list[perm[i]]] = 1;
+    }
+    refine_rows_ = len;
+    refine_sink_ = st.n_sink, refine_local_ = st.n_local;
+    return index_bytes;
   }
 
   // Pages intersecting [lo, hi) ranked by their bound sc[page - p0] (desc, page asc); the best
-  // pages enter F whole (their tokens inside [lo, hi)) until they hold at least k tokens.
-  void select_pages(const float* sc, int64_t lo, int64_t hi, int64_t k) {
+  // pages are taken whole (their tokens inside [lo, hi), passed to take(t)) until they hold at
+  // least k tokens.
+  template <class Take>
+  void top_pages(const float* sc, int64_t lo, int64_t hi, int64_t k, Take take) {
     const int64_t P = c_.cfg.pred_page, p0 = lo / P, p1 = (hi + P - 1) / P, np = p1 - p0;
     for (int64_t i = 0; i < np; ++i) ws_.cand[i] = int32_t(i);
     auto better = [sc](int32_t a, int32_t b) { return sc[a] != sc[b] ? sc[a] > sc[b] : a < b; };
     // Every page but the first and the last lies inside [lo, hi): k / P + 2 pages hold k tokens.
-    const int64_t take = std::min(np, (k + P - 1) / P + 2);
-    if (take < np) std::nth_element(ws_.cand, ws_.cand + take, ws_.cand + np, better);
-    std::sort(ws_.cand, ws_.cand + take, better);
+    const int64_t pick = std::min(np, (k + P - 1) / P + 2);
+    if (pick < np) std::nth_element(ws_.cand, ws_.cand + pick, ws_.cand + np, better);
+    std::sort(ws_.cand, ws_.cand + pick, better);
     int64_t got = 0;
-    for (int64_t i = 0; i < take && got < k; ++i) {
+    for (int64_t i = 0; i < pick && got < k; ++i) {
       const int64_t page = p0 + ws_.cand[i];
       const int64_t a = std::max(lo, page * P), z = std::min(hi, (page + 1) * P);
-      for (int64_t t = a; t < z; ++t) ws_.flags[t] = 1;
+      for (int64_t t = a; t < z; ++t) take(t);
       got += z - a;
     }
   }
 
   // The k tokens of [lo, hi) sharing the most signature bits with the query (sc[t - lo]; ties:
-  // lower position first), by a histogram of the scores: no sort.
-  void select_signs(const uint16_t* sc, int64_t lo, int64_t hi, int64_t k) {
+  // lower position first), by a histogram of the scores: no sort. take(t) in ascending t.
+  template <class Take>
+  void top_signs(const uint16_t* sc, int64_t lo, int64_t hi, int64_t k, Take take) {
     const int64_t cnt = hi - lo;
     int64_t hist[257] = {};
     for (int64_t i = 0; i < cnt; ++i) ++hist[sc[i]];
@@ -629,9 +709,9 @@ class unit_runner {
     int64_t at_thr = k - above;  // taken from the tokens scoring exactly thr, lowest first
     for (int64_t i = 0; i < cnt; ++i) {
       if (sc[i] > thr) {
-        ws_.flags[lo + i] = 1;
+        take(lo + i);
       } else if (sc[i] == thr && at_thr > 0) {
-        ws_.flags[lo + i] = 1;
+        take(lo + i);
         --at_thr;
       }
     }
@@ -739,6 +819,8 @@ class unit_runner {
   int32_t d_ = 0;
   int64_t n_ = 0, n_max_ = 0;
   int64_t listed_f_ = 0;
+  int64_t refine_rows_ = 0;  // refine: K rows read to rank the shortlist exactly (0: none)
+  int64_t refine_sink_ = 0, refine_local_ = 0;  // and F's sinks and local window then
   head_acc acc_[256];
   base_moments moments_[256];
 };

@@ -134,38 +134,68 @@ struct unit_ctx {
   const float* q0 = nullptr;  // q of the kv group's first head
 };
 
-// Tokens of [lo, hi) chosen by an approximate predictor for head hh: the index's scores (the
-// same functions the fast paths use) ranked by a full sort.
-std::vector<int32_t> predicted_topk(const unit_ctx& u, int hh, int64_t lo, int64_t hi, int64_t k,
-                                    int32_t d) {
+// Scores of an approximate predictor for head hh (the same functions the fast paths use), by
+// token of [lo, hi) for signs and by page p0 + i for pages.
+std::vector<double> predictor_scores(const unit_ctx& u, int hh, int64_t lo, int64_t hi, int32_t d) {
   const pred_impl& ix = u.a.index->data();
   const float* q = u.q0 + int64_t(hh) * d;
-  std::vector<int32_t> out;
   if (u.cfg.pred == predictor::page_bounds) {
     const int64_t P = u.cfg.pred_page, p0 = lo / P, p1 = (hi + P - 1) / P;
     std::vector<float> sc(size_t(p1 - p0));
     page_upper_bounds(ix, u.seq, u.kvh, q, p0, p1, sc.data());
-    std::vector<int64_t> pages(sc.size());
-    std::iota(pages.begin(), pages.end(), 0);
-    std::sort(pages.begin(), pages.end(),
-              [&](int64_t a, int64_t b) { return sc[a] != sc[b] ? sc[a] > sc[b] : a < b; });
-    for (int64_t p : pages) {  // whole pages until they hold k tokens of [lo, hi)
+    return std::vector<double>(sc.begin(), sc.end());
+  }
+  uint32_t qsig[8];
+  query_signature(ix, u.kvh, q, qsig);
+  std::vector<uint16_t> sc(size_t(hi - lo));
+  sign_matches(ix, u.seq, u.kvh, qsig, lo, hi, sc.data());
+  return std::vector<double>(sc.begin(), sc.end());
+}
+
+// The tokens of [lo, hi) that scores `sc` (predictor_scores' form) rank first, ranked by a
+// full sort: k tokens for signs, whole pages until they hold at least k tokens for pages.
+std::vector<int32_t> predicted_topk(const unit_ctx& u, const std::vector<double>& sc, int64_t lo,
+                                    int64_t hi, int64_t k) {
+  std::vector<int32_t> out;
+  std::vector<int64_t> order(sc.size());
+  std::iota(order.begin(), order.end(), 0);
+  std::sort(order.begin(), order.end(),
+            [&](int64_t a, int64_t b) { return sc[a] != sc[b] ? sc[a] > sc[b] : a < b; });
+  if (u.cfg.pred == predictor::page_bounds) {
+    const int64_t P = u.cfg.pred_page, p0 = lo / P;
+    for (int64_t p : order) {
       if (int64_t(out.size()) >= k) break;
       for (int64_t t = std::max(lo, (p0 + p) * P); t < std::min(hi, (p0 + p + 1) * P); ++t)
         out.push_back(int32_t(t));
     }
     return out;
   }
-  uint32_t qsig[8];
-  query_signature(ix, u.kvh, q, qsig);
-  std::vector<uint16_t> sc(size_t(hi - lo));
-  sign_matches(ix, u.seq, u.kvh, qsig, lo, hi, sc.data());
-  std::vector<int32_t> cand(sc.size());
-  std::iota(cand.begin(), cand.end(), 0);
-  std::sort(cand.begin(), cand.end(),
-            [&](int32_t a, int32_t b) { return sc[a] != sc[b] ? sc[a] > sc[b] : a < b; });
-  for (int64_t i = 0; i < k; ++i) out.push_back(int32_t(lo + cand[i]));
+  for (int64_t i = 0; i < k; ++i) out.push_back(int32_t(lo + order[i]));
   return out;
+}
+
+// refine: the shortlist by the unit's score (per token or page the maximum over its heads),
+// then each head's k best of it by exact logit (descending, lower position first). Returns the
+// K rows read for the ranking: the shortlist's size, 0 when it holds no more than k tokens
+// (every head takes it whole, no logit is needed).
+int64_t refined_topk(const unit_ctx& u, const group_data& g, const std::vector<int>& heads,
+                     const stage_sizes& st, std::vector<char>& in_f) {
+  const int64_t lo = st.n_sink, hi = g.n - st.n_local;
+  std::vector<double> best;
+  for (int hh : heads) {
+    const std::vector<double> sc = predictor_scores(u, hh, lo, hi, g.d);
+    if (best.empty()) best = sc;
+    for (size_t i = 0; i < sc.size(); ++i) best[i] = std::max(best[i], sc[i]);
+  }
+  std::vector<int32_t> shortlist = predicted_topk(u, best, lo, hi, st.shortlist);
+  for (int hh : heads) {
+    const auto& s = g.logits[hh];
+    std::sort(shortlist.begin(), shortlist.end(),
+              [&](int32_t a, int32_t b) { return s[a] != s[b] ? s[a] > s[b] : a < b; });
+    for (int64_t i = 0; i < std::min<int64_t>(st.k, int64_t(shortlist.size())); ++i)
+      in_f[shortlist[i]] = 1;
+  }
+  return int64_t(shortlist.size()) > st.k ? int64_t(shortlist.size()) : 0;
 }
 
 // One selection unit: a single query head, or every head of a kv group when gqa_shared.
@@ -189,9 +219,15 @@ void run_unit(const unit_ctx& u, const group_data& g, const std::vector<int>& he
   for (int64_t i = 0; i < st.n_sink; ++i) in_f[i] = 1;
   for (int64_t i = n - st.n_local; i < n; ++i) in_f[i] = 1;
   const std::vector<char> fixed_f = in_f;  // sinks and local only
+  const bool refine = cfg.select == selector::topk && st.shortlist > 0;
+  // refine reads the shortlist's K rows once more for the exact ranking
+  const int64_t refine_rows = refine ? refined_topk(u, g, heads, st, in_f) : 0;
   for (int hh : heads) {
+    if (refine) break;
     if (cfg.select == selector::topk && cfg.pred != predictor::oracle) {
-      for (int32_t t : predicted_topk(u, hh, st.n_sink, n - st.n_local, st.k, d)) in_f[t] = 1;
+      const int64_t lo = st.n_sink, hi = n - st.n_local;
+      for (int32_t t : predicted_topk(u, predictor_scores(u, hh, lo, hi, d), lo, hi, st.k))
+        in_f[t] = 1;
     } else if (cfg.select == selector::topk) {
       std::vector<int32_t> cand = ranked_candidates(g, hh, fixed_f);
       for (int64_t i = 0; i < st.k; ++i) in_f[cand[i]] = 1;
@@ -253,7 +289,10 @@ void run_unit(const unit_ctx& u, const group_data& g, const std::vector<int>& he
   for (int32_t i : f) w[i] = 1.0;
   for (int32_t i : sample) w[i] = double(n_s) / double(b);
   const bool reads_all_k = cfg.select != selector::none && cfg.pred == predictor::oracle;
-  const double k_rows = reads_all_k ? double(n) : double(f.size() + b);
+  // With refine's exact ranking, F's top-k rows are read with the shortlist, not again.
+  const double k_rows = reads_all_k       ? double(n)
+                        : refine_rows > 0 ? double(st.n_sink + st.n_local + refine_rows + b)
+                                          : double(f.size() + b);
   // The heads of a unit score in one pass over the index.
   const int64_t pred_bytes =
       cfg.pred != predictor::oracle
