@@ -121,8 +121,9 @@ struct run_args {
   const device_index* index = nullptr;
   // Optional, for profiling (bench_cuda): called on the host right after each stage's kernels
   // are enqueued on the stream, e.g. to record an event there. Stages, in order: "score"
-  // (top-k only), "select", "sample", "list logits" (sampling without oracle logits),
-  // "moments" (these three with sampling), "finish", "attend".
+  // (top-k only), "select", "refine logits" and "refine select" (refine > 1: the shortlist's
+  // exact logits, then each head's top-k among them and F), "sample", "list logits" (sampling
+  // without oracle logits), "moments" (these three with sampling), "finish", "attend".
   void (*stage_hook)(const char* stage, void* ctx) = nullptr;
   void* stage_ctx = nullptr;
 };
@@ -138,8 +139,8 @@ class plan {
  public:
   explicit plan(const params& p);
   // A plan that can also run(cfg): cfg.validate() must pass and the CUDA backend must support it:
-  // dense, or sinks + local + optional top-k (predictor oracle or signs) + optional fixed-rate or
-  // adaptive sampling (not top-p, not hub, not predictor=pages).
+  // dense, or sinks + local + optional top-k (predictor oracle or signs, the latter with optional
+  // refine) + optional fixed-rate or adaptive sampling (not top-p, not hub, not predictor=pages).
   plan(const params& p, const config& cfg);
 
   // Device workspace every run needs: at least this many bytes, 16-byte aligned (cudaMalloc's

@@ -24,6 +24,7 @@ namespace vattn::cuda::detail {
 // derives once: the normal quantiles and the logit scale as the CPU rounds it).
 struct sel_cfg {
   double sink, local, topk, base, sample_rate, eps, delta;
+  double refine;  // 0: off; else the shortlist is ceil(refine * k) tokens (config::refine)
   int32_t sink_frac, local_frac, topk_frac, base_frac;
   int32_t select;  // vattn::selector
   int32_t sample;  // vattn::sampling
@@ -59,11 +60,12 @@ VATTN_SM int64_t max64(int64_t a, int64_t b) {
 
 struct stages {
   int64_t n_sink, n_local, k;
+  int64_t shortlist;  // refine: min(middle, ceil(refine * k)), else 0
   int32_t dense;
 };
 // resolve_stages for a non-dense config.
 VATTN_SM stages resolve_stages(const sel_cfg& c, int64_t n) {
-  stages s{0, 0, 0, 0};
+  stages s{0, 0, 0, 0, 0};
   s.n_sink = min64(resolve_size(c.sink, c.sink_frac, n), n);
   s.n_local = min64(resolve_size(c.local, c.local_frac, n), n);
   if (n <= s.n_sink + s.n_local) {
@@ -73,6 +75,7 @@ VATTN_SM stages resolve_stages(const sel_cfg& c, int64_t n) {
   const int64_t middle = n - s.n_sink - s.n_local;
   if (c.select == int32_t(selector::topk))
     s.k = min64(resolve_size(c.topk, c.topk_frac, n), middle);
+  if (c.refine > 0 && s.k > 0) s.shortlist = min64(middle, ceil_fraction(c.refine, s.k));
   if (middle - s.k < 2) s.dense = 1;
   if (c.sample == int32_t(sampling::none) && c.select != int32_t(selector::topp) &&
       s.n_sink + s.n_local + s.k == 0)

@@ -93,6 +93,11 @@ struct run_kargs : kv_view {
   int32_t n_units;     // units per sequence
   int32_t es;          // bytes per K/V element
   int32_t n_chunks;    // selection-pass chunks per sequence: ceil(n_max / k_chunk)
+  // refine with gqa_shared: a kv group's sign scores are one row, each token's maximum over the
+  // group's heads (kept in the row of its first head), selected once per unit
+  int32_t max_rows;
+  // refine: a bound of every sequence's shortlist length (the refine logits' grid)
+  int64_t shortlist_max;
   dot_order order;
   sel_cfg c;
   uint64_t step;
@@ -114,7 +119,9 @@ struct run_kargs : kv_view {
   int32_t* w_count;             // [n_seq, n_units, n_chunks]: walk positions outside F per chunk
   uint8_t* flags;               // [n_seq, n_units, pad8(n_max)]
   int32_t* list;                // [n_seq, n_units, n_max]
-  float* weights;     // [n_seq, n_units, n_max]; before finishing: the walk's tokens (int32)
+  int32_t* cand;   // refine > 1: the shortlist C, ascending [n_seq, n_units, n_max] (the weights'
+                   // memory, which the walk only uses later)
+  float* weights;  // [n_seq, n_units, n_max]; before finishing: the walk's tokens (int32)
   int32_t* list_len;  // [n_seq, n_units]
   unit_rec* units;    // [n_seq, n_units]
   head_rec* heads;    // [n_seq, n_head_q]
@@ -139,6 +146,27 @@ __device__ __forceinline__ void hist_add(int* hist, uint32_t bin, bool active) {
   if (!active) return;
   const unsigned peers = __match_any_sync(live, bin);
   if (int(threadIdx.x % 32) == __ffs(peers) - 1) atomicAdd(&hist[bin], __popc(peers));
+}
+
+// How many tokens the predictor's select keeps: k, or with refine the shortlist's L.
+// Inclusive prefix sum of v over the lanes of a full warp.
+__device__ __forceinline__ int warp_inclusive_sum(int v, int lane) {
+#pragma unroll
+  for (int o = 1; o < 32; o *= 2) {
+    const int x = __shfl_up_sync(0xffffffffu, v, o);
+    if (lane >= o) v += x;
+  }
+  return v;
+}
+
+__device__ __forceinline__ int64_t select_count(const sel_cfg& c, const stages& st) {
+  return c.refine > 0 ? st.shortlist : st.k;
+}
+// refine with a shortlist longer than k (refine > 1 on a sparse sequence): F's top-k part is
+// each unit head's k best exact logits among the shortlist (the refine kernels), not the
+// shortlist itself.
+__device__ __forceinline__ bool refine_pending(const sel_cfg& c, const stages& st) {
+  return c.refine > 0 && !st.dense && st.k > 0 && st.shortlist > st.k;
 }
 
 // --- sequence geometry -------------------------------------------------------------------------
@@ -288,8 +316,8 @@ constexpr size_t score_smem(int heads) {
 // of the listed rows F + base sample of one query head (list_mode 1: grid (tiles, query head,
 // sequence), for predictors and sampling without top-k; stored by list position; with gqa_shared
 // the list is the kv group's, so the grid is (tiles, kv head, sequence) and each staged row is
-// dotted with the group's G query rows). q is scaled as the CPU scales it (one float multiply)
-// and dotted in its order.
+// dotted with the group's G query rows), or (list_mode 2, refine) the same over the unit's
+// shortlist C. q is scaled as the CPU scales it (one float multiply) and dotted in its order.
 template <dtype T, int D>
 __global__ void __launch_bounds__(tile_geom<T, D>::k_tokens)
     score_kernel(const run_kargs a, int list_mode) {
@@ -317,9 +345,16 @@ __global__ void __launch_bounds__(tile_geom<T, D>::k_tokens)
     const int u = a.c.gqa_shared ? kvh : h0;
     const int64_t ui = int64_t(s) * a.n_units + u;
     const unit_rec ur = a.units[ui];
-    if (ur.skip || ur.dense || ur.m0 < 1) return;
-    count = ur.n_f + ur.m0;
-    lst = a.list + ui * a.n_max;
+    if (list_mode == 2) {  // refine: the shortlist C of the unit
+      const stages sr = resolve_stages(a.c, n);
+      if (ur.skip || ur.dense || !refine_pending(a.c, sr)) return;
+      count = sr.shortlist;
+      lst = a.cand + ui * a.n_max;
+    } else {
+      if (ur.skip || ur.dense || ur.m0 < 1) return;
+      count = ur.n_f + ur.m0;
+      lst = a.list + ui * a.n_max;
+    }
   }
   const int64_t i0 = int64_t(blockIdx.x) * NT;
   if (i0 >= count) return;
@@ -491,7 +526,7 @@ __device__ inline bool seq_ok(const run_kargs& a, int s, int32_t n) {
 }
 __device__ inline topk_range topk_of(const run_kargs& a, int32_t n) {
   const stages st = resolve_stages(a.c, n);
-  topk_range r{st.n_sink, n - st.n_local, st.k, false};
+  topk_range r{st.n_sink, n - st.n_local, select_count(a.c, st), false};
   r.radix = a.c.select == int32_t(selector::topk) && !st.dense && r.k > 0 && r.k < r.hi - r.lo;
   return r;
 }
@@ -514,8 +549,9 @@ __global__ void __launch_bounds__(k_sign_threads) sign_scores(const run_kargs a,
   if (t0 >= n) return;
   const int64_t t1 = min64(t0 + k_sign_tokens, int64_t(n));
   const stages st = resolve_stages(a.c, n);
-  const int64_t lo = st.n_sink, hi = n - st.n_local;
-  const bool do_hist = !st.dense && st.k > 0 && st.k < hi - lo;
+  const int64_t lo = st.n_sink, hi = n - st.n_local, sk = select_count(a.c, st);
+  const bool do_hist = !st.dense && sk > 0 && sk < hi - lo;
+  const int rows = a.max_rows ? 1 : G;  // score rows of the group (refine + gqa_shared: 1)
   const bool qw_shared = G <= 64;
   const int hn = G * k_sign_bins;  // ints per histogram copy
   for (int i = tid; i < G * k_max_words && qw_shared; i += blockDim.x)
@@ -556,6 +592,21 @@ __global__ void __launch_bounds__(k_sign_threads) sign_scores(const run_kargs a,
     const int64_t t = t0 + int64_t(it) * k_sign_threads + tid;
     if (t >= t1) break;
     const bool cand = do_hist && t >= lo && t < hi;
+    if (a.max_rows) {  // the group's score: the most bits any of its heads shares (fewest diffs)
+      int c = 1 << 30;
+      for (int g = 0; g < G; ++g) {
+        int cg = 0;
+#pragma unroll
+        for (int i = 0; i < k_max_words; ++i)
+          if (i < W) cg += __popc(qsrc[g * k_max_words + i] ^ kw[it][i]);
+        c = min(c, cg);
+      }
+      const uint32_t score = uint32_t(a.c.pred_bits - c);
+      reinterpret_cast<uint16_t*>(
+          a.scores)[(int64_t(s) * a.n_head_q + kvh * G) * pad8(a.n_max) + t] = uint16_t(score);
+      if (cand) atomicAdd(mine + score, 1);
+      continue;
+    }
     for (int g = 0; g < G; ++g) {
       int c = 0;
 #pragma unroll
@@ -591,7 +642,7 @@ __global__ void __launch_bounds__(k_sign_threads) sign_scores(const run_kargs a,
   // k, and that lane the bin: the digit, rank and ties of find_digit over the whole histogram.
   constexpr int per = (k_sign_bins + 31) / 32;
   const int lane = tid % 32;
-  for (int g = tid / 32; g < G; g += k_sign_threads / 32) {
+  for (int g = tid / 32; g < rows; g += k_sign_threads / 32) {
     const int32_t* hg = ghist + int64_t(g) * k_hist_ints;
     const int top = k_sign_bins - lane * per;
     int v[per], sum = 0;
@@ -600,20 +651,15 @@ __global__ void __launch_bounds__(k_sign_threads) sign_scores(const run_kargs a,
       v[j] = top - 1 - j >= 0 ? __ldcg(hg + top - 1 - j) : 0;
       sum += v[j];
     }
-    int incl = sum;
-#pragma unroll
-    for (int o = 1; o < 32; o *= 2) {
-      const int x = __shfl_up_sync(0xffffffffu, incl, o);
-      if (lane >= o) incl += x;
-    }
+    const int incl = warp_inclusive_sum(sum, lane);
     int64_t above = incl - sum;
-    if (above < st.k && st.k <= int64_t(incl)) {
-      key_prefix p{0, uint32_t(k_hist1 - 1), st.k, 0};
+    if (above < sk && sk <= int64_t(incl)) {
+      key_prefix p{0, uint32_t(k_hist1 - 1), sk, 0};
 #pragma unroll
       for (int j = 0; j < per; ++j) {
-        if (above + v[j] >= st.k) {
+        if (above + v[j] >= sk) {
           p.prefix = uint32_t(top - 1 - j);
-          p.kk = st.k - above;
+          p.kk = sk - above;
           p.ties = v[j] > p.kk;
           break;
         }
@@ -764,8 +810,12 @@ __global__ void __launch_bounds__(k_pass_threads) flag_pass(const run_kargs a) {
   const int64_t c0 = int64_t(c) * k_chunk;
   if (c0 >= n) return;
   const topk_range r = topk_of(a, n);
+  // refine > 1: the predictor's choice is the shortlist C, compacted into cand (F is finished by
+  // the refine kernels); else it joins F here.
+  const bool pend = refine_pending(a.c, st);
   const int64_t p0 = c0 + int64_t(tid) * k_per_thread;
-  uint32_t f = 0;  // bit i: position p0 + i is in F
+  uint32_t f = 0;   // bit i: position p0 + i is in F (sinks, local)
+  uint32_t tk = 0;  // bit i: position p0 + i is chosen by the predictor (top-k, or C)
 #pragma unroll
   for (int i = 0; i < k_per_thread; ++i) {
     const int64_t t = p0 + i;
@@ -774,12 +824,12 @@ __global__ void __launch_bounds__(k_pass_threads) flag_pass(const run_kargs a) {
   if (a.c.select == int32_t(selector::topk) && r.k > 0) {
     const bool is_float = a.c.pred == int32_t(predictor::oracle);
     const int h0 = a.c.gqa_shared ? u * a.group : u;
-    for (int x = 0; x < a.unit_heads; ++x) {
+    for (int x = 0; x < (a.max_rows ? 1 : a.unit_heads); ++x) {
       const int h = h0 + x;
       if (!r.radix) {  // k covers the whole range
 #pragma unroll
         for (int i = 0; i < k_per_thread; ++i)
-          if (p0 + i >= r.lo && p0 + i < r.hi) f |= 1u << i;
+          if (p0 + i >= r.lo && p0 + i < r.hi) tk |= 1u << i;
         continue;
       }
       const int64_t row = int64_t(s) * a.n_head_q + h;
@@ -812,7 +862,7 @@ __global__ void __launch_bounds__(k_pass_threads) flag_pass(const run_kargs a) {
 #pragma unroll
         for (int i = 0; i < k_per_thread; ++i) {
           const int64_t t = p0 + i;
-          if (t >= r.lo && t < r.hi && kx[i] >= p.prefix) f |= 1u << i;
+          if (t >= r.lo && t < r.hi && kx[i] >= p.prefix) tk |= 1u << i;
         }
         continue;
       }
@@ -836,17 +886,19 @@ __global__ void __launch_bounds__(k_pass_threads) flag_pass(const run_kargs a) {
       for (int i = 0; i < k_per_thread; ++i) {
         const int64_t t = p0 + i;
         if (t < r.lo || t >= r.hi) continue;
-        if (kx[i] > p.prefix) f |= 1u << i;
+        if (kx[i] > p.prefix) tk |= 1u << i;
         if (kx[i] == p.prefix) {
-          if (taken < p.kk) f |= 1u << i;
+          if (taken < p.kk) tk |= 1u << i;
           ++taken;
         }
       }
     }
   }
-  // The flags are read by the walk alone (none without sampling): one 8-byte store of the
-  // thread's 8 positions (rows padded to 8 entries, p0 8-aligned; p0 < n keeps it in the row).
-  if (a.c.sample != int32_t(sampling::none) && p0 < n) {
+  if (!pend) f |= tk;
+  // The flags are read by the walk alone (none without sampling) and, with a shortlist, by the
+  // refine kernels (which add the chosen members of C): one 8-byte store of the thread's 8
+  // positions (rows padded to 8 entries, p0 8-aligned; p0 < n keeps it in the row).
+  if ((a.c.sample != int32_t(sampling::none) || pend) && p0 < n) {
     uint32_t lo4 = 0, hi4 = 0;
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
@@ -855,23 +907,182 @@ __global__ void __launch_bounds__(k_pass_threads) flag_pass(const run_kargs a) {
     }
     *reinterpret_cast<uint2*>(a.flags + ui * pad8(a.n_max) + p0) = make_uint2(lo4, hi4);
   }
+  const uint32_t out = pend ? tk : f;  // compacted: F, or the shortlist C
   int rank, cnt;
-  pscan_t(sh.scan).ExclusiveSum(__popc(f), rank, cnt);
+  pscan_t(sh.scan).ExclusiveSum(__popc(out), rank, cnt);
   if (tid < 32) {
     const int64_t b = look_back(scan + 1, c, cnt);
     if (tid == 0) sh.i64[0] = b;
   }
   __syncthreads();
   const int64_t before = sh.i64[0];
-  int32_t* list = a.list + ui * a.n_max;
+  int32_t* list = (pend ? a.cand : a.list) + ui * a.n_max;
   int64_t at = before + rank;
 #pragma unroll
   for (int i = 0; i < k_per_thread; ++i)
-    if ((f >> i) & 1u) list[at++] = int32_t(p0 + i);
-  if (tid == 0 && c == int((n - 1) / k_chunk)) {  // the last chunk: F's size is known
+    if ((out >> i) & 1u) list[at++] = int32_t(p0 + i);
+  if (tid == 0 && c == int((n - 1) / k_chunk) && pend) {  // F comes from refine_finish
+    *ur = unit_rec{n, 0, 0, 0, 0, 0};
+  } else if (tid == 0 && c == int((n - 1) / k_chunk)) {  // the last chunk: F's size is known
     const int64_t n_f = before + cnt, n_s = n - n_f;
     *ur = n_s < 2 ? unit_rec{n, n, 0, 0, 1, 0}  // too few left to sample: dense
                   : unit_rec{n, n_f, n_s, first_draws(a.c, n_s), 0, 0};
+  }
+}
+
+// --- refine (refine > 1): each unit head's k best exact logits among the shortlist --------------
+//
+// After flag_pass compacted the unit's shortlist C (ascending) into cand and flagged the sinks
+// and the local window, score_kernel (list mode 2) computed every unit head's logits of C's rows
+// in the CPU's order (by list position). refine_select, one block per (query head, sequence),
+// finds the head's k-th largest logit among the L = |C| entries by a block-level radix select
+// (four 8-bit digits from the top, the keys re-read from L2 each level), then flags the entries
+// above it and, where more equal it than are taken, the lowest positions among those equal (C is
+// ascending: list order is position order), as the CPU's (logit desc, position asc) order does.
+// The heads of a unit flag the same rows (a byte store of 1: the union). refine_finish, one
+// block per (unit, sequence), compacts F = sinks, C's flagged entries, local window (ascending)
+// into the list and writes the unit record.
+using sscan_t = cub::BlockScan<int, k_sel_threads>;
+// refine_select keeps the first k_refine_smem keys of the head's shortlist in shared memory
+// (64 KiB: L = 2k at 5% of 160K tokens), the rest are re-read from L2 at each level.
+constexpr int k_refine_smem = 16384;
+inline size_t refine_smem(int64_t n_max) {
+  return size_t(std::min<int64_t>(n_max, k_refine_smem)) * 4;
+}
+
+__global__ void __launch_bounds__(k_sel_threads) refine_select(const run_kargs a, int cap) {
+  extern __shared__ uint32_t skeys[];  // order keys of the shortlist's first `cap` entries
+  __shared__ int hist[256];
+  __shared__ typename sscan_t::TempStorage scan;
+  __shared__ uint32_t s_digit;
+  __shared__ int64_t s_kk;
+  __shared__ int s_eq;
+  const int h = blockIdx.x, s = blockIdx.y, tid = threadIdx.x;
+  const int u = a.c.gqa_shared ? h / a.group : h;
+  const int64_t ui = int64_t(s) * a.n_units + u;
+  const unit_rec ur = a.units[ui];
+  if (ur.skip || ur.dense) return;
+  const stages st = resolve_stages(a.c, int32_t(ur.n));
+  if (!refine_pending(a.c, st)) return;
+  const int64_t L = st.shortlist;
+  const uint32_t* lg = a.scores + (int64_t(s) * a.n_head_q + h) * a.n_max;
+  const int32_t* cand = a.cand + ui * a.n_max;
+  uint8_t* flags = a.flags + ui * pad8(a.n_max);
+  uint32_t prefix = 0, mask = 0;
+  int64_t kk = st.k;
+  int eq_count = 0;
+  for (int level = 0; level < 4; ++level) {
+    const int shift = 24 - 8 * level;
+    for (int b = tid; b < 256; b += k_sel_threads) hist[b] = 0;
+    __syncthreads();
+    for (int64_t i0 = 0; i0 < L; i0 += k_sel_threads) {  // uniform trip count (hist_add)
+      const int64_t i = i0 + tid;
+      uint32_t key = 0;
+      if (i < L) {
+        if (level > 0 && i < cap) {
+          key = skeys[i];
+        } else {
+          key = order_key(__uint_as_float(__ldcg(lg + i)));
+          if (i < cap) skeys[i] = key;
+        }
+      }
+      hist_add(hist, (key >> shift) & 255u, i < L && (key & mask) == prefix);
+    }
+    __syncthreads();
+    if (tid < 32) {  // lane l: bins 255 - 8 l .. 248 - 8 l, from the top
+      const int lane = tid;
+      int v[8], sum = 0;
+#pragma unroll
+      for (int j = 0; j < 8; ++j) sum += (v[j] = hist[255 - 8 * lane - j]);
+      const int incl = warp_inclusive_sum(sum, lane);
+      int64_t above = incl - sum;
+      if (above < kk && kk <= int64_t(incl)) {
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {
+          if (above + v[j] >= kk) {
+            s_digit = uint32_t(255 - 8 * lane - j);
+            s_kk = kk - above;
+            s_eq = v[j];
+            break;
+          }
+          above += v[j];
+        }
+      }
+    }
+    __syncthreads();
+    prefix |= s_digit << shift;
+    mask |= 255u << shift;
+    kk = s_kk;
+    eq_count = s_eq;
+    __syncthreads();
+    // Every candidate sharing the digits so far is taken: the keys whose digits so far are >=
+    // prefix are exactly the top k (no further level, no ties).
+    if (eq_count == kk) break;
+  }
+  // prefix (under mask) holds the k-th key's digits; eq_count keys share them, of which the first
+  // kk (by position) are taken: all of them when eq_count == kk.
+  const bool ties = eq_count > kk;
+  int64_t taken = 0;
+  for (int64_t i0 = 0; i0 < L; i0 += k_sel_threads) {
+    const int64_t i = i0 + tid;
+    const uint32_t key = mask & (i >= L    ? 0u
+                                 : i < cap ? skeys[i]
+                                           : order_key(__uint_as_float(__ldcg(lg + i))));
+    const bool eq = i < L && key == prefix;
+    bool take = i < L && (key > prefix || (eq && !ties));
+    if (ties) {
+      int rank, total;
+      sscan_t(scan).ExclusiveSum(eq ? 1 : 0, rank, total);
+      __syncthreads();
+      if (eq && taken + rank < kk) take = true;
+      taken += total;
+    }
+    if (take) flags[cand[i]] = 1;
+  }
+}
+
+__global__ void __launch_bounds__(k_sel_threads) refine_finish(const run_kargs a) {
+  __shared__ typename sscan_t::TempStorage scan;
+  const int u = blockIdx.x, s = blockIdx.y, tid = threadIdx.x;
+  const int64_t ui = int64_t(s) * a.n_units + u;
+  unit_rec* urp = a.units + ui;
+  const unit_rec ur = *urp;
+  if (ur.skip || ur.dense) return;
+  const int64_t n = ur.n;
+  const stages st = resolve_stages(a.c, int32_t(n));
+  if (!refine_pending(a.c, st)) return;
+  const int64_t lo = st.n_sink, hi = n - st.n_local, L = st.shortlist;
+  const int32_t* cand = a.cand + ui * a.n_max;
+  const uint8_t* flags = a.flags + ui * pad8(a.n_max);
+  int32_t* list = a.list + ui * a.n_max;
+  for (int64_t i = tid; i < lo; i += k_sel_threads) list[i] = int32_t(i);
+  // Rounds of k_sel_threads x 16 entries, thread tid owning 16 consecutive ones (all their loads
+  // in flight), ranked by a block scan of the threads' counts (position order).
+  constexpr int IPT = 16;
+  int64_t at = lo;
+  for (int64_t r0 = 0; r0 < L; r0 += int64_t(k_sel_threads) * IPT) {
+    const int64_t i0 = r0 + int64_t(tid) * IPT;
+    int32_t t[IPT];
+#pragma unroll
+    for (int j = 0; j < IPT; ++j) t[j] = i0 + j < L ? cand[i0 + j] : -1;
+    uint32_t take = 0;
+#pragma unroll
+    for (int j = 0; j < IPT; ++j)
+      if (t[j] >= 0 && flags[t[j]]) take |= 1u << j;
+    int rank, total;
+    sscan_t(scan).ExclusiveSum(__popc(take), rank, total);
+    __syncthreads();
+    int64_t w = at + rank;
+#pragma unroll
+    for (int j = 0; j < IPT; ++j)
+      if ((take >> j) & 1u) list[w++] = t[j];
+    at += total;
+  }
+  for (int64_t i = tid; i < n - hi; i += k_sel_threads) list[at + i] = int32_t(hi + i);
+  if (tid == 0) {
+    const int64_t n_f = at + (n - hi), n_s = n - n_f;
+    *urp = n_s < 2 ? unit_rec{n, n, 0, 0, 1, 0}  // too few left to sample: dense
+                   : unit_rec{n, n_f, n_s, first_draws(a.c, n_s), 0, 0};
   }
 }
 
@@ -1217,7 +1428,14 @@ __global__ void __launch_bounds__(k_sel_threads) finish_kernel(const run_kargs a
         hs.est_rel_error = -1;
       const bool oracle =
           a.c.select != int32_t(selector::none) && a.c.pred == int32_t(predictor::oracle);
-      const double k_rows = oracle ? double(n) : double(n_f + b);
+      // refine > 1: the K rows read are the sinks, the local window, the shortlist (read once
+      // per unit for the exact ranking; F's top-k rows are among them) and the sample, as the
+      // CPU counts them
+      const stages st = resolve_stages(a.c, n);
+      const double k_rows = oracle ? double(n)
+                            : refine_pending(a.c, st)
+                                ? double(st.n_sink + st.n_local + st.shortlist + b)
+                                : double(n_f + b);
       int64_t pred_bytes = 0;
       if (a.c.select != int32_t(selector::none) && a.c.pred == int32_t(predictor::sign_bits))
         pred_bytes = n * a.c.pred_bits / 8 / a.unit_heads;
@@ -1292,7 +1510,8 @@ void check(cudaError_t e, const char* what) {
 template <dtype T, int D>
 void launch_score_t(const run_kargs& k, dim3 grid, int list_mode, cudaStream_t stream) {
   using tg = tile_geom<T, D>;
-  grid.x = unsigned((k.n_max + tg::k_tokens - 1) / tg::k_tokens);  // tokens, or list entries
+  const int64_t rows = list_mode == 2 ? k.shortlist_max : k.n_max;  // tokens, or list entries
+  grid.x = unsigned(std::max<int64_t>(1, (rows + tg::k_tokens - 1) / tg::k_tokens));
   const size_t shm = score_smem<T, D>(list_mode && !k.c.gqa_shared ? 1 : k.group);
   score_kernel<T, D><<<grid, tg::k_tokens, shm, stream>>>(k, list_mode);
   check(cudaGetLastError(), "scoring kernel launch");
@@ -1356,6 +1575,7 @@ void prepare_run(const config& cfg, dtype t, int32_t head_dim, int32_t group) {
       break;
   }
   allow_smem(sign_scores, sign_smem(group), "the sign scoring kernel");
+  allow_smem(refine_select, refine_smem(k_refine_smem), "the refine select kernel");
 }
 
 // decode.cu: the host checks of dense() and sparse()
@@ -1368,6 +1588,10 @@ void check_run_config(const config& cfg) {
   if (cfg.hub) throw error("config: hub=1 is not supported by the CUDA backend");
   if (cfg.select == selector::topp)
     throw error("config: select=topp is not supported by the CUDA backend (top-k or none)");
+  if (cfg.refine != 0 && cfg.pred == predictor::page_bounds)
+    throw error(
+        "config: refine with predictor=pages is not supported by the CUDA backend (refine needs "
+        "predictor=signs there)");
   if (cfg.select == selector::topk && cfg.pred == predictor::page_bounds)
     throw error("config: predictor=pages is not supported by the CUDA backend (oracle, signs)");
 }
@@ -1488,6 +1712,13 @@ void plan::run(const run_args& a, void* workspace, size_t workspace_size, stream
   k.n_units = cfg_.gqa_shared ? p_.n_head_kv : p_.n_head_q;
   k.es = int32_t(dtype_size(p_.kv_type));
   k.n_chunks = int32_t((p_.n_tokens_max + k_chunk - 1) / k_chunk);
+  k.max_rows = cfg_.refine > 0 && cfg_.gqa_shared ? 1 : 0;
+  if (cfg_.refine > 0) {  // k(n) <= the top-k size at n_max, and the shortlist grows with k
+    const int64_t nm = p_.n_tokens_max;
+    const int64_t k_max =
+        std::min<int64_t>(nm, resolve_size(cfg_.topk.value, cfg_.topk.fraction ? 1 : 0, nm));
+    k.shortlist_max = std::min<int64_t>(nm, ceil_fraction(cfg_.refine, k_max));
+  }
   k.order = dot_order_for_level(cpu_level_);
   k.step = a.step;
   k.seq_id = a.seq_id;
@@ -1510,6 +1741,7 @@ void plan::run(const run_args& a, void* workspace, size_t workspace_size, stream
   c.topk = cfg_.topk.value, c.topk_frac = cfg_.topk.fraction;
   c.base = cfg_.base.value, c.base_frac = cfg_.base.fraction;
   c.sample_rate = cfg_.sample_rate;
+  c.refine = cfg_.refine;
   c.eps = cfg_.eps;
   c.delta = cfg_.delta;
   c.select = int32_t(cfg_.select);
@@ -1543,6 +1775,7 @@ void plan::run(const run_args& a, void* workspace, size_t workspace_size, stream
   k.flags = reinterpret_cast<uint8_t*>(rb + l.flags);
   k.list = reinterpret_cast<int32_t*>(rb + l.list);
   k.weights = reinterpret_cast<float*>(rb + l.weights);
+  k.cand = reinterpret_cast<int32_t*>(k.weights);
   k.list_len = reinterpret_cast<int32_t*>(rb + l.list_len);
   k.units = reinterpret_cast<unit_rec*>(rb + l.units);
   k.heads = reinterpret_cast<head_rec*>(rb + l.heads);
@@ -1584,6 +1817,16 @@ void plan::run(const run_args& a, void* workspace, size_t workspace_size, stream
   flag_pass<<<dim3(chunks, nu, ns), k_pass_threads, 0, stream>>>(k);
   check(cudaGetLastError(), "flag pass launch");
   stage("select");
+  if (topk && cfg_.refine > 1) {  // F's top-k part: each head's k best exact logits in C
+    launch_score(p_.kv_type, p_.head_dim, k, dim3(0, cfg_.gqa_shared ? hkv : hq, ns), 2, stream);
+    stage("refine logits");
+    const int cap = int(std::min<int64_t>(p_.n_tokens_max, k_refine_smem));
+    refine_select<<<dim3(hq, ns), k_sel_threads, refine_smem(p_.n_tokens_max), stream>>>(k, cap);
+    check(cudaGetLastError(), "refine select launch");
+    refine_finish<<<dim3(nu, ns), k_sel_threads, 0, stream>>>(k);
+    check(cudaGetLastError(), "refine finish launch");
+    stage("refine select");
+  }
   if (cfg_.sample != sampling::none) {
     walk_count<<<dim3(chunks, nu, ns), k_walk_threads, 0, stream>>>(k, 0);
     check(cudaGetLastError(), "walk count launch");

@@ -17,7 +17,10 @@
 // Usage: bench_cuda [contexts] [batches] [end-to-end variants], e.g. bench_cuda 8192,32768,131072
 // 1,16 0,3 (variants: 0 vattention, 1 vattention gqa_shared, 2 oracle top-k, 3-5 the same with
 // the sign-bit predictor, 6 the 32-layer decode step, 7 sign-bit top-k with gqa_shared (one list
-// per kv group: the union of its heads' top 5%); default all).
+// per kv group: the union of its heads' top 5%), 8-11 sign-bit top-k and vAttention with
+// gqa_shared and refine (config::refine): 8 top-k refine=1 (one select of 5% per kv group over
+// the heads' maximum sign score), 9 top-k refine=2 (a shortlist of 10% per kv group, each head's
+// 5% best exact logits among it), 10 and 11 vAttention the same; default all).
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -189,7 +192,7 @@ int main(int argc, char** argv) {
   std::setvbuf(stdout, nullptr, _IOLBF, 0);
   const std::vector<int64_t> contexts = parse_list(argc > 1 ? argv[1] : "8192,32768,131072");
   const std::vector<int64_t> batches = parse_list(argc > 2 ? argv[2] : "1,16");
-  const std::vector<int64_t> pick = parse_list(argc > 3 ? argv[3] : "0,1,2,3,4,5,6,7");
+  const std::vector<int64_t> pick = parse_list(argc > 3 ? argv[3] : "0,1,2,3,4,5,6,7,8,9,10,11");
   auto picked = [&](size_t v) { return std::count(pick.begin(), pick.end(), int64_t(v)) > 0; };
   const int32_t n_head_q = 32, n_head_kv = 8, d = 128;  // Llama-3.1-8B, one layer
   const double density = 0.05;
@@ -331,19 +334,26 @@ int main(int argc, char** argv) {
         const char* name;
         const char* method;
         bool shared, signs;
+        double refine;
       };
-      const variant variants[] = {{0, "vattention", "vattention", false, false},
-                                  {1, "vattention gqa_shared", "vattention", true, false},
-                                  {2, "topk (oracle 5%)", "topk", false, false},
-                                  {3, "vattention signs", "vattention", false, true},
-                                  {4, "vattention signs gqa_shared", "vattention", true, true},
-                                  {5, "topk (signs 5%)", "topk", false, true},
-                                  {7, "topk (signs 5%) gqa_shared", "topk", true, true}};
+      const variant variants[] = {
+          {0, "vattention", "vattention", false, false, 0},
+          {1, "vattention gqa_shared", "vattention", true, false, 0},
+          {2, "topk (oracle 5%)", "topk", false, false, 0},
+          {3, "vattention signs", "vattention", false, true, 0},
+          {4, "vattention signs gqa_shared", "vattention", true, true, 0},
+          {5, "topk (signs 5%)", "topk", false, true, 0},
+          {7, "topk (signs 5%) gqa_shared", "topk", true, true, 0},
+          {8, "topk (signs 5%) gqa refine=1", "topk", true, true, 1},
+          {9, "topk (signs 5%) gqa refine=2", "topk", true, true, 2},
+          {10, "vattention signs gqa refine=1", "vattention", true, true, 1},
+          {11, "vattention signs gqa refine=2", "vattention", true, true, 2}};
       for (const variant& vr : variants) {
         if (!picked(size_t(vr.id)) || (vr.signs && !dix)) continue;
         vattn::config cfg = vattn::method_config(vr.method);
         cfg.gqa_shared = vr.shared;
         if (vr.signs) cfg.pred = sign_cfg.pred, cfg.pred_bits = sign_cfg.pred_bits;
+        cfg.refine = vr.refine;
         const vattn::cuda::plan pv(p, cfg);
         void* wsv = nullptr;
         ck(cudaMalloc(&wsv, pv.workspace_bytes()), "malloc ws");
@@ -471,7 +481,7 @@ int main(int argc, char** argv) {
                   100.0 * dense_gbs / copy_gbs, sparse_us, sparse_gbs, dense_us / sparse_us);
       for (const e2e_row& r : e2e) {
         std::printf(
-            "%8s %5s %6s |   e2e %-28s %9.1f us %6.2fx  density %.3f  rel err mean "
+            "%8s %5s %6s |   e2e %-30s %9.1f us %6.2fx  density %.3f  rel err mean "
             "%.4f max %.4f\n",
             "", "", "", r.name.c_str(), r.us, dense_us / r.us, r.density, r.err_mean, r.err_max);
         std::printf("%8s %5s %6s |       stages (median us): %s\n", "", "", "", r.stages.c_str());

@@ -851,6 +851,14 @@ TEST(cuda_run, select_math_matches_cpu) {
       ASSERT_EQ(a.n_local, b.n_local) << method << " n " << n;
       ASSERT_EQ(a.k, b.k) << method << " n " << n;
       ASSERT_EQ(int32_t(a.dense), b.dense) << method << " n " << n;
+      ASSERT_EQ(a.shortlist, b.shortlist) << method << " n " << n;
+      for (double r : {1.0, 2.0, 2.5, 64.0}) {  // refine's shortlist (resolve_stages only)
+        config cr = cfg;
+        cd::sel_cfg ccr = c;
+        cr.refine = ccr.refine = r;
+        ASSERT_EQ(detail::resolve_stages(cr, n).shortlist, cd::resolve_stages(ccr, n).shortlist)
+            << method << " refine " << r << " n " << n;
+      }
       ASSERT_EQ(detail::base_sample_size(cfg, n), cd::base_sample_size(c, n));
       ASSERT_EQ(detail::fixed_rate_sample_size(cfg, n), cd::fixed_rate_sample_size(c, n));
     }
@@ -964,13 +972,15 @@ int64_t expect_same_selection(const batch& b, const gpu_run_result& r, double es
   return heads;
 }
 
-config e2e_config(const std::string& method, bool shared, predictor pred, budget_mode mode) {
+config e2e_config(const std::string& method, bool shared, predictor pred, budget_mode mode,
+                  double refine = 0) {
   config c = method_config(method);
   c.sink = {16, false};
   c.local = {32, false};
   if (c.select == selector::topk) {
     c.topk = {0.05, true};
     c.pred = pred;
+    c.refine = refine;
   }
   if (c.sample == sampling::fixed_rate) c.sample_rate = 0.1;
   if (c.sample == sampling::adaptive) c.base = {0.1, true}, c.mode = mode;
@@ -981,50 +991,25 @@ config e2e_config(const std::string& method, bool shared, predictor pred, budget
   return c;
 }
 
-// The GPU selects, samples and budgets exactly as the CPU: identical F (including ties broken
-// by position), identical sampled tokens in draw order, identical m and b, for top-k, vAttention
-// (oracle and sign-bit predictor, every budget mode, gqa_shared on and off), top-k with sign bits
-// per kv group (gqa_shared) and fixed-rate sampling, over short (dense fallback), mid and long
-// (40K) sequences and mixed batches; the output matches the CPU's.
-TEST(cuda_run, same_index_sets_as_cpu) {
-  REQUIRE_GPU();
-  struct method_case {
-    const char* method;
-    bool shared;
-    predictor pred;
-    budget_mode mode;
-  };
-  const method_case methods[] = {
-      {"topk", false, predictor::oracle, budget_mode::denominator},
-      {"vattention", false, predictor::oracle, budget_mode::denominator},
-      {"vattention", true, predictor::oracle, budget_mode::denominator},
-      {"vattention", false, predictor::oracle, budget_mode::output},
-      {"vattention", true, predictor::oracle, budget_mode::combined},
-      {"vattention", false, predictor::sign_bits, budget_mode::denominator},
-      {"vattention", true, predictor::sign_bits, budget_mode::numerator},
-      {"topk", true, predictor::sign_bits, budget_mode::denominator},
-      {"random", false, predictor::oracle, budget_mode::denominator},
-  };
-  struct data_case {
-    std::vector<int32_t> lens;
-    dtype type;
-    kv_layout layout;
-    int32_t hq, hkv, d;
-    synth::family fam;
-  };
-  const data_case datas[] = {
-      {{7}, dtype::bf16, kv_layout::contiguous, 8, 2, 128, synth::family::correlated_values},
-      {{3000}, dtype::bf16, kv_layout::contiguous, 8, 2, 128, synth::family::correlated_values},
-      {{5000, 300, 7, 1200},
-       dtype::f16,
-       kv_layout::paged,
-       4,
-       4,
-       64,
-       synth::family::correlated_values},
-      {{2000, 2500}, dtype::f32, kv_layout::contiguous, 8, 1, 64, synth::family::uniform},
-      {{40000}, dtype::bf16, kv_layout::contiguous, 8, 2, 128, synth::family::correlated_values},
-  };
+struct method_case {
+  const char* method;
+  bool shared;
+  predictor pred;
+  budget_mode mode;
+  double refine = 0;
+};
+struct data_case {
+  std::vector<int32_t> lens;
+  dtype type;
+  kv_layout layout;
+  int32_t hq, hkv, d;
+  synth::family fam;
+};
+
+// Runs every method over every data set on the CPU path and plan::run, and expects identical
+// stats, F, samples and b, and outputs within k_nmse_bound of the CPU's.
+void expect_cpu_parity(const std::vector<method_case>& methods, const std::vector<data_case>& datas,
+                       const char* what) {
   double worst = 0;
   int64_t heads = 0, tokens = 0, sampled = 0;
   int cases = 0;
@@ -1032,7 +1017,7 @@ TEST(cuda_run, same_index_sets_as_cpu) {
     batch b0 = make_batch(dc.fam, dc.lens, dc.hq, dc.hkv, dc.d, dc.type, dc.layout, 5, 16);
     gpu_batch g(b0);
     for (const method_case& mc : methods) {
-      const config cfg = e2e_config(mc.method, mc.shared, mc.pred, mc.mode);
+      const config cfg = e2e_config(mc.method, mc.shared, mc.pred, mc.mode, mc.refine);
       SCOPED_TRACE(cfg.to_string() + " lens[0] " + std::to_string(dc.lens[0]) + " " +
                    dtype_name(dc.type));
       batch b = b0;
@@ -1061,9 +1046,83 @@ TEST(cuda_run, same_index_sets_as_cpu) {
     }
   }
   std::printf(
-      "[cuda run] %d cases, %lld heads: identical F, samples and b (%lld listed tokens, "
+      "[cuda run] %s: %d cases, %lld heads: identical F, samples and b (%lld listed tokens, "
       "%lld sampled); worst output NMSE vs CPU %.2e\n",
-      cases, (long long)heads, (long long)tokens, (long long)sampled, worst);
+      what, cases, (long long)heads, (long long)tokens, (long long)sampled, worst);
+}
+
+// The GPU selects, samples and budgets exactly as the CPU: identical F (including ties broken
+// by position), identical sampled tokens in draw order, identical m and b, for top-k, vAttention
+// (oracle and sign-bit predictor, every budget mode, gqa_shared on and off), top-k with sign bits
+// per kv group (gqa_shared) and fixed-rate sampling, over short (dense fallback), mid and long
+// (40K) sequences and mixed batches; the output matches the CPU's.
+TEST(cuda_run, same_index_sets_as_cpu) {
+  REQUIRE_GPU();
+  const std::vector<method_case> methods = {
+      {"topk", false, predictor::oracle, budget_mode::denominator},
+      {"vattention", false, predictor::oracle, budget_mode::denominator},
+      {"vattention", true, predictor::oracle, budget_mode::denominator},
+      {"vattention", false, predictor::oracle, budget_mode::output},
+      {"vattention", true, predictor::oracle, budget_mode::combined},
+      {"vattention", false, predictor::sign_bits, budget_mode::denominator},
+      {"vattention", true, predictor::sign_bits, budget_mode::numerator},
+      {"topk", true, predictor::sign_bits, budget_mode::denominator},
+      {"random", false, predictor::oracle, budget_mode::denominator},
+  };
+  const std::vector<data_case> datas = {
+      {{7}, dtype::bf16, kv_layout::contiguous, 8, 2, 128, synth::family::correlated_values},
+      {{3000}, dtype::bf16, kv_layout::contiguous, 8, 2, 128, synth::family::correlated_values},
+      {{5000, 300, 7, 1200},
+       dtype::f16,
+       kv_layout::paged,
+       4,
+       4,
+       64,
+       synth::family::correlated_values},
+      {{2000, 2500}, dtype::f32, kv_layout::contiguous, 8, 1, 64, synth::family::uniform},
+      {{40000}, dtype::bf16, kv_layout::contiguous, 8, 2, 128, synth::family::correlated_values},
+  };
+  expect_cpu_parity(methods, datas, "same_index_sets_as_cpu");
+}
+
+// refine with the sign predictor (config::refine): refine = 1 with gqa_shared (one select per kv
+// group over the heads' maximum score, no logits), refine = 2 with gqa_shared (a shortlist of 2k
+// per group, each head's k best exact logits among it) and refine = 2.5 per head, top-k alone and
+// vAttention; awkward lengths (around the 2048-position chunks, short sequences whose shortlist
+// is most of the middle, a dense fallback), paged f16 d = 64, f32 GQA 8:1 with uniform logits
+// (exact ties broken by position), 40K tokens. Identical F, samples, b and stats to the CPU.
+TEST(cuda_run, refine_same_index_sets_as_cpu) {
+  REQUIRE_GPU();
+  const std::vector<method_case> methods = {
+      {"topk", true, predictor::sign_bits, budget_mode::denominator, 1},
+      {"vattention", true, predictor::sign_bits, budget_mode::denominator, 1},
+      {"topk", true, predictor::sign_bits, budget_mode::denominator, 2},
+      {"vattention", true, predictor::sign_bits, budget_mode::numerator, 2},
+      {"topk", false, predictor::sign_bits, budget_mode::denominator, 2.5},
+      {"vattention", false, predictor::sign_bits, budget_mode::denominator, 2.5},
+      {"topk", false, predictor::sign_bits, budget_mode::denominator, 1},
+      {"vattention", true, predictor::sign_bits, budget_mode::denominator, 40},
+  };
+  const std::vector<data_case> datas = {
+      {{7}, dtype::bf16, kv_layout::contiguous, 8, 2, 128, synth::family::correlated_values},
+      {{6143, 97, 2049, 1, 50},
+       dtype::bf16,
+       kv_layout::contiguous,
+       8,
+       2,
+       128,
+       synth::family::correlated_values},
+      {{5000, 300, 7, 1201},
+       dtype::f16,
+       kv_layout::paged,
+       4,
+       4,
+       64,
+       synth::family::correlated_values},
+      {{2000, 2501}, dtype::f32, kv_layout::contiguous, 8, 1, 64, synth::family::uniform},
+      {{40000}, dtype::bf16, kv_layout::contiguous, 8, 2, 128, synth::family::correlated_values},
+  };
+  expect_cpu_parity(methods, datas, "refine_same_index_sets_as_cpu");
 }
 
 // A captured run replays to exactly the direct run's output, stats and indices.
@@ -1087,6 +1146,29 @@ TEST(cuda_run, graph_capture_replays_the_same_result) {
   }
 }
 
+// refine = 2 with gqa_shared (the refine kernels in the graph): a captured run replays to
+// exactly the direct run's output, stats and indices.
+TEST(cuda_run, refine_graph_capture_replays_the_same_result) {
+  REQUIRE_GPU();
+  const config cfg =
+      e2e_config("vattention", true, predictor::sign_bits, budget_mode::denominator, 2);
+  batch b = make_batch(synth::family::correlated_values, {6000, 900}, 8, 2, 128, dtype::bf16,
+                       kv_layout::paged, 8, 16);
+  gpu_batch g(b);
+  predictor_index ix(cfg, cpu_params_for(b));
+  ix.update(b.args().kv);
+  const cuda::device_index dix(ix);
+  const gpu_run_result direct = run_gpu_e2e(cfg, b, g, 4, &dix);
+  const gpu_run_result replay = run_gpu_e2e(cfg, b, g, 4, &dix, true);
+  ASSERT_EQ(direct.out.size(), replay.out.size());
+  EXPECT_EQ(std::memcmp(direct.out.data(), replay.out.data(), direct.out.size() * 4), 0);
+  EXPECT_EQ(direct.indices, replay.indices);
+  for (size_t i = 0; i < direct.stats.size(); ++i) {
+    EXPECT_EQ(direct.stats[i].b, replay.stats[i].b);
+    EXPECT_EQ(direct.stats[i].n_f, replay.stats[i].n_f);
+  }
+}
+
 // Bad configurations and arguments raise vattn::error (host), bad device values are reported by
 // check_errors.
 TEST(cuda_run, bad_inputs) {
@@ -1097,6 +1179,8 @@ TEST(cuda_run, bad_inputs) {
   expect_error([&] { cuda::plan x(p, parse_config("method=vattention,predictor=pages")); },
                "pages");
   expect_error([&] { cuda::plan x(p, parse_config("method=vattention,eps=2")); }, "eps");
+  expect_error([&] { cuda::plan x(p, parse_config("method=vattention,predictor=pages,refine=2")); },
+               "refine with predictor=pages");
   REQUIRE_GPU();
   const config signs = e2e_config("vattention", false, predictor::sign_bits, budget_mode::output);
   batch b = make_batch(synth::family::correlated_values, {900, 500}, 8, 2, 128, dtype::bf16,
