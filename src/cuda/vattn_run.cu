@@ -98,6 +98,10 @@ struct run_kargs : kv_view {
   int32_t max_rows;
   // refine: a bound of every sequence's shortlist length (the refine logits' grid)
   int64_t shortlist_max;
+  // refine > 1 with list logits (a sampling stage, predictor not the oracle): refine_finish moves
+  // the refine logits of F's top-k part to their list positions and the list-logit stage computes
+  // only the other rows (the CPU's refined_f_logits)
+  int32_t refine_reuse;
   dot_order order;
   sel_cfg c;
   uint64_t step;
@@ -317,7 +321,11 @@ constexpr size_t score_smem(int heads) {
 // sequence), for predictors and sampling without top-k; stored by list position; with gqa_shared
 // the list is the kv group's, so the grid is (tiles, kv head, sequence) and each staged row is
 // dotted with the group's G query rows), or (list_mode 2, refine) the same over the unit's
-// shortlist C. q is scaled as the CPU scales it (one float multiply) and dotted in its order.
+// shortlist C, entry i stored at n_sink + i (so that refine_finish can move the chosen ones down
+// to their list positions in place). With refine_reuse, list mode 1 of a refine-pending unit
+// skips F's top-k part (list positions [n_sink, n_f - n_local): refine_finish put their refine
+// logits there), so its entry i is list position i below n_sink and i + (that part's size) above.
+// q is scaled as the CPU scales it (one float multiply) and dotted in its order.
 template <dtype T, int D>
 __global__ void __launch_bounds__(tile_geom<T, D>::k_tokens)
     score_kernel(const run_kargs a, int list_mode) {
@@ -334,6 +342,8 @@ __global__ void __launch_bounds__(tile_geom<T, D>::k_tokens)
   int kvh, h0, ng;
   int64_t count = n;
   const int32_t* lst = nullptr;
+  // entry i is list position i < skip_at ? i : i + skip_n, its logit stored at store_off + that
+  int64_t skip_at = INT64_MAX, skip_n = 0, store_off = 0;
   if (!list_mode) {
     kvh = blockIdx.y, h0 = kvh * G, ng = G;
   } else if (a.c.gqa_shared) {  // one list per kv group: each row staged once for its G heads
@@ -350,10 +360,19 @@ __global__ void __launch_bounds__(tile_geom<T, D>::k_tokens)
       if (ur.skip || ur.dense || !refine_pending(a.c, sr)) return;
       count = sr.shortlist;
       lst = a.cand + ui * a.n_max;
+      store_off = sr.n_sink;
     } else {
       if (ur.skip || ur.dense || ur.m0 < 1) return;
       count = ur.n_f + ur.m0;
       lst = a.list + ui * a.n_max;
+      if (a.refine_reuse) {
+        const stages sr = resolve_stages(a.c, n);
+        if (refine_pending(a.c, sr)) {
+          skip_at = sr.n_sink;
+          skip_n = ur.n_f - sr.n_sink - sr.n_local;
+          count -= skip_n;
+        }
+      }
     }
   }
   const int64_t i0 = int64_t(blockIdx.x) * NT;
@@ -379,7 +398,7 @@ __global__ void __launch_bounds__(tile_geom<T, D>::k_tokens)
       const int64_t i = i0 + r;
       buf[j] = make_uint4(0, 0, 0, 0);
       if (i < count) {
-        const int64_t t = lst ? lst[i] : i;
+        const int64_t t = lst ? lst[i < skip_at ? i : i + skip_n] : i;
         const int64_t off = row_of(a, s, base, t, kvh);
         buf[j] = __ldg(reinterpret_cast<const uint4*>(kb + off * tg::k_es) + w);
       }
@@ -393,13 +412,14 @@ __global__ void __launch_bounds__(tile_geom<T, D>::k_tokens)
   __syncthreads();
   const int64_t i = i0 + tid;
   const bool live = i < count;
-  const int64_t t = live ? (lst ? lst[i] : i) : 0;
+  const int64_t pos = store_off + (i < skip_at ? i : i + skip_n);  // where the logit is stored
+  const int64_t t = live ? (lst ? lst[pos - store_off] : i) : 0;
   for (int x = 0; x < ng; ++x) {
     float l = 0.f;
     if (live) {
       l = cpu_row_dot<T, D>(kt + tid * P, qs + x * D, a.order);
       if (!isfinite(l)) report_status(a.status, k_bad_key, s, t, kvh, 0);
-      a.scores[(int64_t(s) * a.n_head_q + h0 + x) * a.n_max + i] = __float_as_uint(l);
+      a.scores[(int64_t(s) * a.n_head_q + h0 + x) * a.n_max + pos] = __float_as_uint(l);
     }
     if (do_hist) hist_add(hist + x * 256, order_key(l) >> 24, live && t >= lo && t < hi);
   }
@@ -934,13 +954,13 @@ __global__ void __launch_bounds__(k_pass_threads) flag_pass(const run_kargs a) {
 //
 // After flag_pass compacted the unit's shortlist C (ascending) into cand and flagged the sinks
 // and the local window, score_kernel (list mode 2) computed every unit head's logits of C's rows
-// in the CPU's order (by list position). refine_select, one block per (query head, sequence),
-// finds the head's k-th largest logit among the L = |C| entries by a block-level radix select
-// (four 8-bit digits from the top, the keys re-read from L2 each level), then flags the entries
-// above it and, where more equal it than are taken, the lowest positions among those equal (C is
-// ascending: list order is position order), as the CPU's (logit desc, position asc) order does.
-// The heads of a unit flag the same rows (a byte store of 1: the union). refine_finish, one
-// block per (unit, sequence), compacts F = sinks, C's flagged entries, local window (ascending)
+// in the CPU's order (by list position, entry i at n_sink + i). refine_select, one block per (query
+// head, sequence), finds the head's k-th largest logit among the L = |C| entries by a block-level
+// radix select (four 8-bit digits from the top, the keys re-read from L2 each level), then flags
+// the entries above it and, where more equal it than are taken, the lowest positions among those
+// equal (C is ascending: list order is position order), as the CPU's (logit desc, position asc)
+// order does. The heads of a unit flag the same rows (a byte store of 1: the union). refine_finish,
+// one block per (unit, sequence), compacts F = sinks, C's flagged entries, local window (ascending)
 // into the list and writes the unit record.
 using sscan_t = cub::BlockScan<int, k_sel_threads>;
 // refine_select keeps the first k_refine_smem keys of the head's shortlist in shared memory
@@ -948,6 +968,12 @@ using sscan_t = cub::BlockScan<int, k_sel_threads>;
 constexpr int k_refine_smem = 16384;
 inline size_t refine_smem(int64_t n_max) {
   return size_t(std::min<int64_t>(n_max, k_refine_smem)) * 4;
+}
+// refine_finish's rounds: k_sel_threads x 16 shortlist entries (with refine_reuse, a round's
+// chosen logits pass through shared memory: at most min(L, round) of them)
+constexpr int k_finish_round = 16384;
+inline size_t finish_smem(int64_t shortlist_max) {
+  return size_t(std::min<int64_t>(shortlist_max, k_finish_round)) * 4;
 }
 
 __global__ void __launch_bounds__(k_sel_threads) refine_select(const run_kargs a, int cap) {
@@ -965,7 +991,8 @@ __global__ void __launch_bounds__(k_sel_threads) refine_select(const run_kargs a
   const stages st = resolve_stages(a.c, int32_t(ur.n));
   if (!refine_pending(a.c, st)) return;
   const int64_t L = st.shortlist;
-  const uint32_t* lg = a.scores + (int64_t(s) * a.n_head_q + h) * a.n_max;
+  // the refine logits of C's entry i, at n_sink + i (score_kernel list mode 2)
+  const uint32_t* lg = a.scores + (int64_t(s) * a.n_head_q + h) * a.n_max + st.n_sink;
   const int32_t* cand = a.cand + ui * a.n_max;
   uint8_t* flags = a.flags + ui * pad8(a.n_max);
   uint32_t prefix = 0, mask = 0;
@@ -1042,6 +1069,7 @@ __global__ void __launch_bounds__(k_sel_threads) refine_select(const run_kargs a
 }
 
 __global__ void __launch_bounds__(k_sel_threads) refine_finish(const run_kargs a) {
+  extern __shared__ uint32_t moved[];  // refine_reuse: a round's chosen logits, in list order
   __shared__ typename sscan_t::TempStorage scan;
   const int u = blockIdx.x, s = blockIdx.y, tid = threadIdx.x;
   const int64_t ui = int64_t(s) * a.n_units + u;
@@ -1058,7 +1086,7 @@ __global__ void __launch_bounds__(k_sel_threads) refine_finish(const run_kargs a
   for (int64_t i = tid; i < lo; i += k_sel_threads) list[i] = int32_t(i);
   // Rounds of k_sel_threads x 16 entries, thread tid owning 16 consecutive ones (all their loads
   // in flight), ranked by a block scan of the threads' counts (position order).
-  constexpr int IPT = 16;
+  constexpr int IPT = k_finish_round / k_sel_threads;
   int64_t at = lo;
   for (int64_t r0 = 0; r0 < L; r0 += int64_t(k_sel_threads) * IPT) {
     const int64_t i0 = r0 + int64_t(tid) * IPT;
@@ -1076,6 +1104,23 @@ __global__ void __launch_bounds__(k_sel_threads) refine_finish(const run_kargs a
 #pragma unroll
     for (int j = 0; j < IPT; ++j)
       if ((take >> j) & 1u) list[w++] = t[j];
+    if (a.refine_reuse) {
+      // The unit heads' refine logits of the chosen entries, at lo + i (list mode 2), moved to
+      // their list positions at + rank + ... in place, through shared memory: a destination is
+      // never above its source (at most i entries of C precede entry i), so with the rounds in
+      // order and a round's reads before its writes (a barrier) no unread logit is overwritten.
+      const int h0 = a.c.gqa_shared ? u * a.group : u;
+      for (int x = 0; x < a.unit_heads; ++x) {
+        uint32_t* row = a.scores + (int64_t(s) * a.n_head_q + h0 + x) * a.n_max;
+        int r = rank;
+#pragma unroll
+        for (int j = 0; j < IPT; ++j)
+          if ((take >> j) & 1u) moved[r++] = row[lo + i0 + j];
+        __syncthreads();
+        for (int j = tid; j < total; j += k_sel_threads) row[at + j] = moved[j];
+        __syncthreads();
+      }
+    }
     at += total;
   }
   for (int64_t i = tid; i < n - hi; i += k_sel_threads) list[at + i] = int32_t(hi + i);
@@ -1576,6 +1621,7 @@ void prepare_run(const config& cfg, dtype t, int32_t head_dim, int32_t group) {
   }
   allow_smem(sign_scores, sign_smem(group), "the sign scoring kernel");
   allow_smem(refine_select, refine_smem(k_refine_smem), "the refine select kernel");
+  allow_smem(refine_finish, finish_smem(k_finish_round), "the refine finish kernel");
 }
 
 // decode.cu: the host checks of dense() and sparse()
@@ -1718,6 +1764,9 @@ void plan::run(const run_args& a, void* workspace, size_t workspace_size, stream
     const int64_t k_max =
         std::min<int64_t>(nm, resolve_size(cfg_.topk.value, cfg_.topk.fraction ? 1 : 0, nm));
     k.shortlist_max = std::min<int64_t>(nm, ceil_fraction(cfg_.refine, k_max));
+    // the list-logit stage runs (sampling, not the oracle): it reuses the refine logits
+    k.refine_reuse = cfg_.refine > 1 && cfg_.select == selector::topk &&
+                     cfg_.sample != sampling::none && cfg_.pred != predictor::oracle;
   }
   k.order = dot_order_for_level(cpu_level_);
   k.step = a.step;
@@ -1823,7 +1872,8 @@ void plan::run(const run_args& a, void* workspace, size_t workspace_size, stream
     const int cap = int(std::min<int64_t>(p_.n_tokens_max, k_refine_smem));
     refine_select<<<dim3(hq, ns), k_sel_threads, refine_smem(p_.n_tokens_max), stream>>>(k, cap);
     check(cudaGetLastError(), "refine select launch");
-    refine_finish<<<dim3(nu, ns), k_sel_threads, 0, stream>>>(k);
+    refine_finish<<<dim3(nu, ns), k_sel_threads, k.refine_reuse ? finish_smem(k.shortlist_max) : 0,
+                    stream>>>(k);
     check(cudaGetLastError(), "refine finish launch");
     stage("refine select");
   }

@@ -11,8 +11,9 @@
 //
 // Decode-step rows (variant 6): one decode step of a 32-layer model's attention, every layer's
 // plan::run (its own K and V, its layer index in the sampling key) captured in ONE CUDA graph and
-// replayed; dense the same way (plan without a config), and (step 6) top-k 5% with the sign
-// predictor; median of 20 replays. Only where 32 layers' K and V fit in 48 GiB (batch 1 to 128K).
+// replayed; dense the same way (plan without a config), (step 6) top-k 5% with the sign
+// predictor, and (step 9) the same with gqa_shared and refine = 1 (one select of 5% per kv
+// group); median of 20 replays. Only where 32 layers' K and V fit in 48 GiB (batch 1 to 128K).
 //
 // Usage: bench_cuda [contexts] [batches] [end-to-end variants], e.g. bench_cuda 8192,32768,131072
 // 1,16 0,3 (variants: 0 vattention, 1 vattention gqa_shared, 2 oracle top-k, 3-5 the same with
@@ -406,11 +407,12 @@ int main(int argc, char** argv) {
         cudaFree(st);
         cudaFree(wsv);
       }
-      // One decode step of 32 layers in one graph (dense, vAttention with the oracle, and (step
-      // 6) top-k 5% with the sign predictor: every layer's K is the same data, so one sign mirror
+      // One decode step of 32 layers in one graph (dense, vAttention with the oracle, (step 6)
+      // top-k 5% with the sign predictor, and (step 9) the same with gqa_shared and refine = 1:
+      // one select of 5% per kv group; every layer's K is the same data, so one sign mirror
       // serves every layer).
       constexpr int n_layers = 32;
-      double step_us[3] = {0, 0, 0};
+      double step_us[4] = {0, 0, 0, 0};
       if (picked(6) && size_t(n_layers) * 2 * kv_bytes <= (size_t(48) << 30)) {
         std::vector<void*> lk(n_layers), lv(n_layers);
         for (int l = 0; l < n_layers; ++l) {
@@ -424,12 +426,13 @@ int main(int argc, char** argv) {
         cudaEvent_t e0, e1;
         ck(cudaEventCreate(&e0), "event");
         ck(cudaEventCreate(&e1), "event");
-        for (int m = 0; m < (dix ? 3 : 2); ++m) {
+        for (int m = 0; m < (dix ? 4 : 2); ++m) {
           std::vector<std::unique_ptr<vattn::cuda::plan>> plans;
           size_t ws_need = 0;
           for (int l = 0; l < n_layers; ++l) {
-            vattn::config cfg = vattn::method_config(m == 2 ? "topk" : "vattention");
-            if (m == 2) cfg.pred = sign_cfg.pred, cfg.pred_bits = sign_cfg.pred_bits;
+            vattn::config cfg = vattn::method_config(m >= 2 ? "topk" : "vattention");
+            if (m >= 2) cfg.pred = sign_cfg.pred, cfg.pred_bits = sign_cfg.pred_bits;
+            if (m == 3) cfg.gqa_shared = true, cfg.refine = 1;
             cfg.layer = l;
             plans.push_back(m ? std::make_unique<vattn::cuda::plan>(p, cfg)
                               : std::make_unique<vattn::cuda::plan>(p));
@@ -442,7 +445,7 @@ int main(int argc, char** argv) {
           ra.q = q;
           ra.kv = da.kv;
           ra.out = out;
-          ra.index = m == 2 ? dix.get() : nullptr;
+          ra.index = m >= 2 ? dix.get() : nullptr;
           cudaGraph_t g = nullptr;
           cudaGraphExec_t ge = nullptr;
           ck(cudaStreamBeginCapture(cs, cudaStreamCaptureModeThreadLocal), "capture");
@@ -497,6 +500,11 @@ int main(int argc, char** argv) {
             "%8s %5s %6s |   decode step, %d layers in one CUDA graph: topk (signs 5%%) %.1f us "
             "(%.1f us per layer), %.2fx dense\n",
             "", "", "", n_layers, step_us[2], step_us[2] / n_layers, step_us[0] / step_us[2]);
+      if (step_us[3] > 0)
+        std::printf(
+            "%8s %5s %6s |   decode step, %d layers in one CUDA graph: topk (signs 5%%) gqa "
+            "refine=1 %.1f us (%.1f us per layer), %.2fx dense\n",
+            "", "", "", n_layers, step_us[3], step_us[3] / n_layers, step_us[0] / step_us[3]);
       for (void* ptr : {static_cast<void*>(k), static_cast<void*>(v), static_cast<void*>(q),
                         static_cast<void*>(out), static_cast<void*>(seq_len),
                         static_cast<void*>(idx), static_cast<void*>(w), static_cast<void*>(ll), ws})
