@@ -6,6 +6,7 @@
 #include <cmath>
 #include <cstdio>
 #include <cstring>
+#include <functional>
 #include <mutex>
 #include <string>
 #include <vector>
@@ -663,12 +664,20 @@ class unit_runner {
     list_rows(0, list, len);
     src_.logits(ws_.qs, g_, d_, ws_.off, list, len, ws_.logits, n_max_);
     for (int32_t x = 0; x < g_; ++x) {
+      // The k-th largest logit by a selection over a copy of the values (no index
+      // indirection), then one pass in list (= position) order: the logits above it, and the
+      // lowest positions among those equal to it.
       const float* l = ws_.logits + x * n_max_;
-      int32_t* perm = ws_.cand;
-      for (int64_t i = 0; i < len; ++i) perm[i] = int32_t(i);
-      auto better = [l](int32_t a, int32_t b) { return l[a] != l[b] ? l[a] > l[b] : a < b; };
-      std::nth_element(perm, perm + st.k, perm + len, better);
-      for (int64_t i = 0; i < st.k; ++i) ws_.flags[list[perm[i]]] = 1;
+      float* tmp = cl(0);  // free until F's logits are listed
+      std::copy(l, l + len, tmp);
+      std::nth_element(tmp, tmp + (st.k - 1), tmp + len, std::greater<float>());
+      const float thr = tmp[st.k - 1];
+      int64_t above = 0;
+      for (int64_t i = 0; i < len; ++i) above += l[i] > thr;
+      int64_t at_thr = st.k - above;
+      for (int64_t i = 0; i < len; ++i) {
+        if (l[i] > thr || (l[i] == thr && at_thr-- > 0)) ws_.flags[list[i]] = 1;
+      }
     }
     refine_rows_ = len;
     refine_sink_ = st.n_sink, refine_local_ = st.n_local;
