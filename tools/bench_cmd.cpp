@@ -737,7 +737,8 @@ void add_bench(CLI::App& app, bool& json) {
       ->capture_default_str();
   c->add_option(
       "--config", o->extra,
-      "key=value pairs applied after each method preset, e.g. \"gqa_shared=1,pred_page=16\"");
+      "key=value pairs applied after each method preset, e.g. \"gqa_shared=1,pred_page=16\" "
+      "(dense keeps only the keys it uses; refine applies to pages/signs top-k rows only)");
   c->add_option("--family", o->families, "synthetic families (comma list)")
       ->delimiter(',')
       ->capture_default_str();
