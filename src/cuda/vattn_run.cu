@@ -956,12 +956,13 @@ __global__ void __launch_bounds__(k_pass_threads) flag_pass(const run_kargs a) {
 // and the local window, score_kernel (list mode 2) computed every unit head's logits of C's rows
 // in the CPU's order (by list position, entry i at n_sink + i). refine_select, one block per (query
 // head, sequence), finds the head's k-th largest logit among the L = |C| entries by a block-level
-// radix select (four 8-bit digits from the top, the keys re-read from L2 each level), then flags
-// the entries above it and, where more equal it than are taken, the lowest positions among those
-// equal (C is ascending: list order is position order), as the CPU's (logit desc, position asc)
-// order does. The heads of a unit flag the same rows (a byte store of 1: the union). refine_finish,
-// one block per (unit, sequence), compacts F = sinks, C's flagged entries, local window (ascending)
-// into the list and writes the unit record.
+// radix select (12-, 12- and 8-bit digits from the top; after a digit, the keys sharing the digits
+// so far are copied to shared memory when they fit k_refine_compact, and the later digits count
+// only those), then flags the entries above it and, where more equal it than are taken, the
+// lowest positions among those equal (C is ascending: list order is position order), as the CPU's
+// (logit desc, position asc) order does. The heads of a unit flag the same rows (a byte store of
+// 1: the union). refine_finish, one block per (unit, sequence), compacts F = sinks, C's flagged
+// entries, local window (ascending) into the list and writes the unit record.
 using sscan_t = cub::BlockScan<int, k_sel_threads>;
 // refine_select keeps the first k_refine_smem keys of the head's shortlist in shared memory
 // (64 KiB: L = 2k at 5% of 160K tokens), the rest are re-read from L2 at each level.
@@ -969,6 +970,8 @@ constexpr int k_refine_smem = 16384;
 inline size_t refine_smem(int64_t n_max) {
   return size_t(std::min<int64_t>(n_max, k_refine_smem)) * 4;
 }
+constexpr int k_refine_bins = 4096;     // the widest digit: 12 bits
+constexpr int k_refine_compact = 4096;  // keys sharing the digits so far, kept when they fit
 // refine_finish's rounds: k_sel_threads x 16 shortlist entries (with refine_reuse, a round's
 // chosen logits pass through shared memory: at most min(L, round) of them)
 constexpr int k_finish_round = 16384;
@@ -978,12 +981,13 @@ inline size_t finish_smem(int64_t shortlist_max) {
 
 __global__ void __launch_bounds__(k_sel_threads) refine_select(const run_kargs a, int cap) {
   extern __shared__ uint32_t skeys[];  // order keys of the shortlist's first `cap` entries
-  __shared__ int hist[256];
+  __shared__ int hist[k_refine_bins];
+  __shared__ uint32_t ckeys[k_refine_compact];  // the keys sharing the digits so far (compact)
   __shared__ typename sscan_t::TempStorage scan;
   __shared__ uint32_t s_digit;
   __shared__ int64_t s_kk;
-  __shared__ int s_eq;
-  const int h = blockIdx.x, s = blockIdx.y, tid = threadIdx.x;
+  __shared__ int s_eq, s_cn;
+  const int h = blockIdx.x, s = blockIdx.y, tid = threadIdx.x, lane = tid % 32;
   const int u = a.c.gqa_shared ? h / a.group : h;
   const int64_t ui = int64_t(s) * a.n_units + u;
   const unit_rec ur = a.units[ui];
@@ -995,83 +999,120 @@ __global__ void __launch_bounds__(k_sel_threads) refine_select(const run_kargs a
   const uint32_t* lg = a.scores + (int64_t(s) * a.n_head_q + h) * a.n_max + st.n_sink;
   const int32_t* cand = a.cand + ui * a.n_max;
   uint8_t* flags = a.flags + ui * pad8(a.n_max);
+  // entry i's order key (after level 0, which fills skeys)
+  auto key_at = [&](int64_t i) {
+    return i < cap ? skeys[i] : order_key(__uint_as_float(__ldcg(lg + i)));
+  };
   uint32_t prefix = 0, mask = 0;
   int64_t kk = st.k;
-  int eq_count = 0;
-  for (int level = 0; level < 4; ++level) {
-    const int shift = 24 - 8 * level;
-    for (int b = tid; b < 256; b += k_sel_threads) hist[b] = 0;
+  int eq_count = 0, cn = -1;  // cn >= 0: the candidates are the cn keys of ckeys
+  for (int level = 0; level < 3; ++level) {
+    const int bits = level < 2 ? 12 : 8, shift = level == 0 ? 20 : level == 1 ? 8 : 0;
+    const int nb = 1 << bits;
+    const uint32_t dmask = uint32_t(nb - 1);
+    for (int b = tid; b < nb; b += k_sel_threads) hist[b] = 0;
     __syncthreads();
-    for (int64_t i0 = 0; i0 < L; i0 += k_sel_threads) {  // uniform trip count (hist_add)
-      const int64_t i = i0 + tid;
-      uint32_t key = 0;
-      if (i < L) {
-        if (level > 0 && i < cap) {
-          key = skeys[i];
-        } else {
-          key = order_key(__uint_as_float(__ldcg(lg + i)));
-          if (i < cap) skeys[i] = key;
-        }
+    if (cn >= 0) {
+      for (int i0 = 0; i0 < cn; i0 += k_sel_threads) {  // uniform trip count (hist_add)
+        const int i = i0 + tid;
+        const uint32_t key = i < cn ? ckeys[i] : 0u;
+        hist_add(hist, (key >> shift) & dmask, i < cn);
       }
-      hist_add(hist, (key >> shift) & 255u, i < L && (key & mask) == prefix);
+    } else {
+      for (int64_t i0 = 0; i0 < L; i0 += k_sel_threads) {  // uniform trip count (hist_add)
+        const int64_t i = i0 + tid;
+        uint32_t key = 0;
+        if (i < L) {
+          if (level > 0) {
+            key = key_at(i);
+          } else {
+            key = order_key(__uint_as_float(__ldcg(lg + i)));
+            if (i < cap) skeys[i] = key;
+          }
+        }
+        hist_add(hist, (key >> shift) & dmask, i < L && (key & mask) == prefix);
+      }
     }
     __syncthreads();
-    if (tid < 32) {  // lane l: bins 255 - 8 l .. 248 - 8 l, from the top
-      const int lane = tid;
-      int v[8], sum = 0;
+    // The digit: thread t sums bins nb - 1 - 4 t .. nb - 4 - 4 t (from the top), a block scan of
+    // the sums finds the bin where the count from the top reaches kk.
+    int v[4], sum = 0;
 #pragma unroll
-      for (int j = 0; j < 8; ++j) sum += (v[j] = hist[255 - 8 * lane - j]);
-      const int incl = warp_inclusive_sum(sum, lane);
-      int64_t above = incl - sum;
-      if (above < kk && kk <= int64_t(incl)) {
+    for (int j = 0; j < 4; ++j) {
+      const int b = nb - 1 - 4 * tid - j;
+      sum += (v[j] = b >= 0 ? hist[b] : 0);
+    }
+    int excl, total;
+    sscan_t(scan).ExclusiveSum(sum, excl, total);
+    int64_t above = excl;
+    if (above < kk && kk <= above + sum) {
 #pragma unroll
-        for (int j = 0; j < 8; ++j) {
-          if (above + v[j] >= kk) {
-            s_digit = uint32_t(255 - 8 * lane - j);
-            s_kk = kk - above;
-            s_eq = v[j];
-            break;
-          }
-          above += v[j];
+      for (int j = 0; j < 4; ++j) {
+        if (above + v[j] >= kk) {
+          s_digit = uint32_t(nb - 1 - 4 * tid - j);
+          s_kk = kk - above;
+          s_eq = v[j];
+          break;
         }
+        above += v[j];
       }
     }
     __syncthreads();
     prefix |= s_digit << shift;
-    mask |= 255u << shift;
+    mask |= dmask << shift;
     kk = s_kk;
     eq_count = s_eq;
-    __syncthreads();
     // Every candidate sharing the digits so far is taken: the keys whose digits so far are >=
     // prefix are exactly the top k (no further level, no ties).
-    if (eq_count == kk) break;
+    if (eq_count == kk || level == 2) break;
+    if (cn < 0 && eq_count <= k_refine_compact) {  // keep only the candidates from here on
+      if (tid == 0) s_cn = 0;
+      __syncthreads();
+      for (int64_t i0 = 0; i0 < L; i0 += k_sel_threads) {  // uniform trip count (ballot)
+        const int64_t i = i0 + tid;
+        const uint32_t key = i < L ? key_at(i) : 0u;
+        const bool m = i < L && (key & mask) == prefix;
+        const unsigned bal = __ballot_sync(0xffffffffu, m);
+        int base = 0;
+        if (lane == 0 && bal) base = atomicAdd(&s_cn, __popc(bal));
+        base = __shfl_sync(0xffffffffu, base, 0);
+        if (m) ckeys[base + __popc(bal & ((1u << lane) - 1u))] = key;
+      }
+      cn = eq_count;
+    }
+    __syncthreads();
   }
   // prefix (under mask) holds the k-th key's digits; eq_count keys share them, of which the first
-  // kk (by position) are taken: all of them when eq_count == kk.
-  const bool ties = eq_count > kk;
-  int64_t taken = 0;
-  for (int64_t i0 = 0; i0 < L; i0 += k_sel_threads) {
-    const int64_t i = i0 + tid;
-    const uint32_t key = mask & (i >= L    ? 0u
-                                 : i < cap ? skeys[i]
-                                           : order_key(__uint_as_float(__ldcg(lg + i))));
-    const bool eq = i < L && key == prefix;
-    bool take = i < L && (key > prefix || (eq && !ties));
-    if (ties) {
-      int rank, total;
-      sscan_t(scan).ExclusiveSum(eq ? 1 : 0, rank, total);
-      __syncthreads();
-      if (eq && taken + rank < kk) take = true;
-      taken += total;
-    }
-    if (take) flags[cand[i]] = 1;
+  // kk (by position) are taken: all of them when eq_count == kk (then no ties: mask may be
+  // partial).
+  if (eq_count == kk) {
+    for (int64_t i = tid; i < L; i += k_sel_threads)
+      if ((key_at(i) & mask) >= prefix) flags[cand[i]] = 1;
+    return;
+  }
+  // Ties (all 32 bits found): thread t owns a run of consecutive entries, one block scan of the
+  // runs' counts of equal keys ranks them by position.
+  const int64_t per = (L + k_sel_threads - 1) / k_sel_threads;
+  const int64_t b0 = min64(L, tid * per), b1 = min64(L, b0 + per);
+  int c = 0;
+  for (int64_t i = b0; i < b1; ++i) c += key_at(i) == prefix ? 1 : 0;
+  int rank, total;
+  sscan_t(scan).ExclusiveSum(c, rank, total);
+  int64_t r = rank;
+  for (int64_t i = b0; i < b1; ++i) {
+    const uint32_t key = key_at(i);
+    if (key > prefix || (key == prefix && r++ < kk)) flags[cand[i]] = 1;
   }
 }
 
 __global__ void __launch_bounds__(k_sel_threads) refine_finish(const run_kargs a) {
   extern __shared__ uint32_t moved[];  // refine_reuse: a round's chosen logits, in list order
+  constexpr int IPT = k_finish_round / k_sel_threads, W = k_sel_threads / 32;
+  static_assert(IPT * W <= k_sel_threads, "one scan entry per (row, warp)");
   __shared__ typename sscan_t::TempStorage scan;
-  const int u = blockIdx.x, s = blockIdx.y, tid = threadIdx.x;
+  __shared__ uint32_t sbal[IPT * W];  // per (row j, warp): the chosen lanes
+  __shared__ int woff[IPT * W];       // per (row j, warp): its first rank in the round
+  const int u = blockIdx.x, s = blockIdx.y, tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
   const int64_t ui = int64_t(s) * a.n_units + u;
   unit_rec* urp = a.units + ui;
   const unit_rec ur = *urp;
@@ -1084,44 +1125,57 @@ __global__ void __launch_bounds__(k_sel_threads) refine_finish(const run_kargs a
   const uint8_t* flags = a.flags + ui * pad8(a.n_max);
   int32_t* list = a.list + ui * a.n_max;
   for (int64_t i = tid; i < lo; i += k_sel_threads) list[i] = int32_t(i);
-  // Rounds of k_sel_threads x 16 entries, thread tid owning 16 consecutive ones (all their loads
-  // in flight), ranked by a block scan of the threads' counts (position order).
-  constexpr int IPT = k_finish_round / k_sel_threads;
+  // Rounds of IPT rows of k_sel_threads entries: entry r0 + j k_sel_threads + tid (a warp's loads
+  // and stores coalesced, C ascending: its flag loads close together), ranked in entry order, i.e.
+  // position order, by (row, warp) counts of the chosen lanes (one block scan) and each lane's
+  // chosen lanes below it in its warp.
+  const unsigned below = (1u << lane) - 1u;
   int64_t at = lo;
-  for (int64_t r0 = 0; r0 < L; r0 += int64_t(k_sel_threads) * IPT) {
-    const int64_t i0 = r0 + int64_t(tid) * IPT;
+  for (int64_t r0 = 0; r0 < L; r0 += k_finish_round) {
     int32_t t[IPT];
 #pragma unroll
-    for (int j = 0; j < IPT; ++j) t[j] = i0 + j < L ? cand[i0 + j] : -1;
+    for (int j = 0; j < IPT; ++j) {
+      const int64_t i = r0 + int64_t(j) * k_sel_threads + tid;
+      t[j] = i < L ? cand[i] : -1;
+    }
     uint32_t take = 0;
 #pragma unroll
     for (int j = 0; j < IPT; ++j)
       if (t[j] >= 0 && flags[t[j]]) take |= 1u << j;
-    int rank, total;
-    sscan_t(scan).ExclusiveSum(__popc(take), rank, total);
+#pragma unroll
+    for (int j = 0; j < IPT; ++j) {
+      const unsigned bal = __ballot_sync(0xffffffffu, (take >> j) & 1u);
+      if (lane == 0) sbal[j * W + warp] = bal;
+    }
     __syncthreads();
-    int64_t w = at + rank;
+    int off, total;
+    sscan_t(scan).ExclusiveSum(tid < IPT * W ? __popc(sbal[tid]) : 0, off, total);
+    if (tid < IPT * W) woff[tid] = off;
+    __syncthreads();
 #pragma unroll
     for (int j = 0; j < IPT; ++j)
-      if ((take >> j) & 1u) list[w++] = t[j];
+      if ((take >> j) & 1u)
+        list[at + woff[j * W + warp] + __popc(sbal[j * W + warp] & below)] = t[j];
     if (a.refine_reuse) {
       // The unit heads' refine logits of the chosen entries, at lo + i (list mode 2), moved to
-      // their list positions at + rank + ... in place, through shared memory: a destination is
-      // never above its source (at most i entries of C precede entry i), so with the rounds in
-      // order and a round's reads before its writes (a barrier) no unread logit is overwritten.
+      // their list positions at + rank in place, through shared memory: a destination is never
+      // above its source (at most i entries of C precede entry i), so with the rounds in order
+      // and a round's reads before its writes (a barrier) no unread logit is overwritten.
       const int h0 = a.c.gqa_shared ? u * a.group : u;
       for (int x = 0; x < a.unit_heads; ++x) {
         uint32_t* row = a.scores + (int64_t(s) * a.n_head_q + h0 + x) * a.n_max;
-        int r = rank;
 #pragma unroll
         for (int j = 0; j < IPT; ++j)
-          if ((take >> j) & 1u) moved[r++] = row[lo + i0 + j];
+          if ((take >> j) & 1u)
+            moved[woff[j * W + warp] + __popc(sbal[j * W + warp] & below)] =
+                row[lo + r0 + int64_t(j) * k_sel_threads + tid];
         __syncthreads();
         for (int j = tid; j < total; j += k_sel_threads) row[at + j] = moved[j];
         __syncthreads();
       }
     }
     at += total;
+    __syncthreads();  // sbal, woff and the scan storage are the next round's
   }
   for (int64_t i = tid; i < n - hi; i += k_sel_threads) list[at + i] = int32_t(hi + i);
   if (tid == 0) {
