@@ -265,7 +265,8 @@ class unit_runner {
     const config& cfg = c_.cfg;
     run_profile& prof = *ws_.prof;
     auto t0 = clock_type::now();
-    stage_sizes st = resolve_stages(cfg, n_);
+    st_ = resolve_stages(cfg, n_);
+    const stage_sizes& st = st_;
     if (st.dense) return run_dense(cfg.dense ? 0 : 1);
     const bool oracle = cfg.select != selector::none && cfg.pred == predictor::oracle;
     if (oracle || cfg.hub) all_logits();
@@ -349,10 +350,9 @@ class unit_runner {
 
     const double row_bytes = double(d_) * double(sizeof(elem));
     // With refine, F's top-k rows were read with the shortlist, not again.
-    const double k_rows = oracle ? double(n_)
-                          : refine_rows_ > 0
-                              ? double(refine_sink_ + refine_local_ + refine_rows_ + b)
-                              : double(n_f + b);
+    const double k_rows = oracle             ? double(n_)
+                          : refine_rows_ > 0 ? double(st_.n_sink + st_.n_local + refine_rows_ + b)
+                                             : double(n_f + b);
     const int64_t bytes = int64_t((k_rows + double(n_f + b)) * row_bytes / double(g_)) + pred_bytes;
     for (int32_t x = 0; x < g_; ++x) {
       const head_acc& A = acc_[x];
@@ -414,7 +414,7 @@ class unit_runner {
     for (int32_t x = 0; x < g_; ++x) {
       const float* from = ws_.logits + int64_t(x) * n_max_;
       int64_t i = 0;
-      for (int64_t j = refine_sink_; j < n_f - refine_local_; ++j) {
+      for (int64_t j = st_.n_sink; j < n_f - st_.n_local; ++j) {
         while (list[i] != ws_.f[j]) ++i;
         cl(x)[j] = from[i];
       }
@@ -431,7 +431,7 @@ class unit_runner {
         const int64_t c1 = std::min(cnt, n_f - at);
         if (refine_rows_ > 0) {  // F's top-k logits are known (refined_f_logits): F is listed
           // at once, sinks first and the local window last
-          const int64_t ns = refine_sink_, nl = refine_local_, z = n_f - nl;
+          const int64_t ns = st_.n_sink, nl = st_.n_local, z = n_f - nl;
           src_.logits(ws_.qs, g_, d_, ws_.off, ws_.f, ns, ws_.cl, n_max_);
           src_.logits(ws_.qs, g_, d_, ws_.off + z, ws_.f + z, nl, ws_.cl + z, n_max_);
         } else {
@@ -680,7 +680,6 @@ class unit_runner {
       }
     }
     refine_rows_ = len;
-    refine_sink_ = st.n_sink, refine_local_ = st.n_local;
     return index_bytes;
   }
 
@@ -829,7 +828,7 @@ class unit_runner {
   int64_t n_ = 0, n_max_ = 0;
   int64_t listed_f_ = 0;
   int64_t refine_rows_ = 0;  // refine: K rows read to rank the shortlist exactly (0: none)
-  int64_t refine_sink_ = 0, refine_local_ = 0;  // and F's sinks and local window then
+  stage_sizes st_;           // this run's sizes of sinks, local window, top-k and shortlist
   head_acc acc_[256];
   base_moments moments_[256];
 };
