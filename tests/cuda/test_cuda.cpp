@@ -1006,6 +1006,21 @@ struct data_case {
   synth::family fam;
 };
 
+// The parity tests' data sets: 7 tokens; a bf16 batch; paged f16 with d = 64; f32 GQA 8:1 with
+// uniform logits (exact ties broken by position); 40K tokens. Each test picks the three batches'
+// lengths.
+std::vector<data_case> parity_datas(std::vector<int32_t> bf16_lens, std::vector<int32_t> paged_lens,
+                                    std::vector<int32_t> gqa_lens) {
+  const auto cv = synth::family::correlated_values;
+  return {
+      {{7}, dtype::bf16, kv_layout::contiguous, 8, 2, 128, cv},
+      {std::move(bf16_lens), dtype::bf16, kv_layout::contiguous, 8, 2, 128, cv},
+      {std::move(paged_lens), dtype::f16, kv_layout::paged, 4, 4, 64, cv},
+      {std::move(gqa_lens), dtype::f32, kv_layout::contiguous, 8, 1, 64, synth::family::uniform},
+      {{40000}, dtype::bf16, kv_layout::contiguous, 8, 2, 128, cv},
+  };
+}
+
 // Runs every method over every data set on the CPU path and plan::run, and expects identical
 // stats, F, samples and b, and outputs within k_nmse_bound of the CPU's.
 void expect_cpu_parity(const std::vector<method_case>& methods, const std::vector<data_case>& datas,
@@ -1069,19 +1084,7 @@ TEST(cuda_run, same_index_sets_as_cpu) {
       {"topk", true, predictor::sign_bits, budget_mode::denominator},
       {"random", false, predictor::oracle, budget_mode::denominator},
   };
-  const std::vector<data_case> datas = {
-      {{7}, dtype::bf16, kv_layout::contiguous, 8, 2, 128, synth::family::correlated_values},
-      {{3000}, dtype::bf16, kv_layout::contiguous, 8, 2, 128, synth::family::correlated_values},
-      {{5000, 300, 7, 1200},
-       dtype::f16,
-       kv_layout::paged,
-       4,
-       4,
-       64,
-       synth::family::correlated_values},
-      {{2000, 2500}, dtype::f32, kv_layout::contiguous, 8, 1, 64, synth::family::uniform},
-      {{40000}, dtype::bf16, kv_layout::contiguous, 8, 2, 128, synth::family::correlated_values},
-  };
+  const std::vector<data_case> datas = parity_datas({3000}, {5000, 300, 7, 1200}, {2000, 2500});
   expect_cpu_parity(methods, datas, "same_index_sets_as_cpu");
 }
 
@@ -1103,26 +1106,20 @@ TEST(cuda_run, refine_same_index_sets_as_cpu) {
       {"topk", false, predictor::sign_bits, budget_mode::denominator, 1},
       {"vattention", true, predictor::sign_bits, budget_mode::denominator, 40},
   };
-  const std::vector<data_case> datas = {
-      {{7}, dtype::bf16, kv_layout::contiguous, 8, 2, 128, synth::family::correlated_values},
-      {{6143, 97, 2049, 1, 50},
-       dtype::bf16,
-       kv_layout::contiguous,
-       8,
-       2,
-       128,
-       synth::family::correlated_values},
-      {{5000, 300, 7, 1201},
-       dtype::f16,
-       kv_layout::paged,
-       4,
-       4,
-       64,
-       synth::family::correlated_values},
-      {{2000, 2501}, dtype::f32, kv_layout::contiguous, 8, 1, 64, synth::family::uniform},
-      {{40000}, dtype::bf16, kv_layout::contiguous, 8, 2, 128, synth::family::correlated_values},
-  };
+  const std::vector<data_case> datas =
+      parity_datas({6143, 97, 2049, 1, 50}, {5000, 300, 7, 1201}, {2000, 2501});
   expect_cpu_parity(methods, datas, "refine_same_index_sets_as_cpu");
+}
+
+// A replayed graph gave exactly the direct run's output, indices and stats.
+void expect_same_result(const gpu_run_result& direct, const gpu_run_result& replay) {
+  ASSERT_EQ(direct.out.size(), replay.out.size());
+  EXPECT_EQ(std::memcmp(direct.out.data(), replay.out.data(), direct.out.size() * 4), 0);
+  EXPECT_EQ(direct.indices, replay.indices);
+  for (size_t i = 0; i < direct.stats.size(); ++i) {
+    EXPECT_EQ(direct.stats[i].b, replay.stats[i].b);
+    EXPECT_EQ(direct.stats[i].n_f, replay.stats[i].n_f);
+  }
 }
 
 // A captured run replays to exactly the direct run's output, stats and indices.
@@ -1136,13 +1133,7 @@ TEST(cuda_run, graph_capture_replays_the_same_result) {
     gpu_batch g(b);
     const gpu_run_result direct = run_gpu_e2e(cfg, b, g, 4);
     const gpu_run_result replay = run_gpu_e2e(cfg, b, g, 4, nullptr, true);
-    ASSERT_EQ(direct.out.size(), replay.out.size());
-    EXPECT_EQ(std::memcmp(direct.out.data(), replay.out.data(), direct.out.size() * 4), 0);
-    EXPECT_EQ(direct.indices, replay.indices);
-    for (size_t i = 0; i < direct.stats.size(); ++i) {
-      EXPECT_EQ(direct.stats[i].b, replay.stats[i].b);
-      EXPECT_EQ(direct.stats[i].n_f, replay.stats[i].n_f);
-    }
+    expect_same_result(direct, replay);
   }
 }
 
@@ -1160,13 +1151,7 @@ TEST(cuda_run, refine_graph_capture_replays_the_same_result) {
   const cuda::device_index dix(ix);
   const gpu_run_result direct = run_gpu_e2e(cfg, b, g, 4, &dix);
   const gpu_run_result replay = run_gpu_e2e(cfg, b, g, 4, &dix, true);
-  ASSERT_EQ(direct.out.size(), replay.out.size());
-  EXPECT_EQ(std::memcmp(direct.out.data(), replay.out.data(), direct.out.size() * 4), 0);
-  EXPECT_EQ(direct.indices, replay.indices);
-  for (size_t i = 0; i < direct.stats.size(); ++i) {
-    EXPECT_EQ(direct.stats[i].b, replay.stats[i].b);
-    EXPECT_EQ(direct.stats[i].n_f, replay.stats[i].n_f);
-  }
+  expect_same_result(direct, replay);
 }
 
 // Bad configurations and arguments raise vattn::error (host), bad device values are reported by
