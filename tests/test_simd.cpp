@@ -440,3 +440,47 @@ TEST_P(SimdLevel, ExpMatchesStdExp) {
   exp_inplace(lvl, all.data() + 1, int64_t(xs.size()));
   check(xs.data(), all.data() + 1, xs.size(), "all");
 }
+
+// The dense chunk's softmax row: max, exp(x - max) and the double sum agree with a double
+// computation on every length up to 40 and longer ones; any NaN or infinity (also in the tail,
+// also -inf) is refused with the row left unchanged.
+TEST_P(SimdLevel, ShiftExpSumMatchesDouble) {
+  const simd_level lvl = GetParam();
+  std::mt19937 rng(5);
+  std::normal_distribution<float> nd(0.0f, 6.0f);
+  std::vector<size_t> lens;
+  for (size_t n = 1; n <= 40; ++n) lens.push_back(n);
+  for (size_t n : {63, 64, 65, 256, 1001}) lens.push_back(n);
+  for (size_t n : lens) {
+    fenced<float> x(n);
+    for (size_t i = 0; i < n; ++i) x[i] = nd(rng);
+    const std::vector<float> in = x.vec();
+    float m = 0;
+    double sum = 0;
+    ASSERT_TRUE(shift_exp_sum(lvl, x.data(), int64_t(n), &m, &sum)) << level_name(lvl) << n;
+    EXPECT_EQ(m, *std::max_element(in.begin(), in.end())) << level_name(lvl) << " n=" << n;
+    double want_sum = 0;
+    for (size_t i = 0; i < n; ++i) {
+      const double want = std::exp(double(in[i] - m));
+      want_sum += want;
+      ASSERT_NEAR(x[i], want, 2e-7 * want + 1e-38) << level_name(lvl) << " n=" << n << " i=" << i;
+    }
+    EXPECT_NEAR(sum, want_sum, 1e-6 * want_sum) << level_name(lvl) << " n=" << n;
+    for (float bad :
+         {std::numeric_limits<float>::quiet_NaN(), std::numeric_limits<float>::infinity(),
+          -std::numeric_limits<float>::infinity()}) {
+      for (size_t at : {size_t(0), n / 2, n - 1}) {
+        std::vector<float> y = in;
+        y[at] = bad;
+        const std::vector<float> before = y;
+        float m2 = 0;
+        double s2 = 0;
+        EXPECT_FALSE(shift_exp_sum(lvl, y.data(), int64_t(n), &m2, &s2))
+            << level_name(lvl) << " n=" << n << " at=" << at << " value=" << bad;
+        for (size_t i = 0; i < n; ++i)
+          if (!(y[i] == before[i] || (std::isnan(y[i]) && std::isnan(before[i]))))
+            ADD_FAILURE() << level_name(lvl) << " n=" << n << ": row changed at " << i;
+      }
+    }
+  }
+}

@@ -853,31 +853,26 @@ void dense_chunk(const run_ctx& c, scratch ws, int32_t s, int64_t chunk) {
   for (int64_t j = 0; j < int64_t(Q) * d; ++j) ws.qs[j] = q[j] * c.scale;
   for (int64_t i = 0; i < cnt; ++i) ws.off[i] = row_offset(c.kv, c.row0[s], s, t0 + i, 0);
   ops.logits(ws.qs, H, G, d, kb, ws.off, c.kv.stride_head, cnt, ws.cl, k_dense_chunk);
-  float* m = ws.facc + int64_t(Q) * d;  // [Q] chunk maxima, after the f32 sums
+  const int64_t stride = d + 2;
+  auto state = [&](int32_t x) {
+    return c.partials + ((int64_t(s) * Q + x) * c.chunks_max + chunk) * stride;
+  };
   for (int32_t x = 0; x < Q; ++x) {
     float* l = ws.cl + x * k_dense_chunk;
-    m[x] = -INFINITY;
-    for (int64_t i = 0; i < cnt; ++i) {
-      if (!std::isfinite(l[i]))
-        fail_at("k contains NaN/Inf (or q.k overflows) at seq " + std::to_string(s) + ", token " +
-                std::to_string(t0 + i) + ", kv head " + std::to_string(x / G));
-      m[x] = std::max(m[x], l[i]);
+    float m = 0;
+    double sum = 0;
+    if (!shift_exp_sum(active_simd_level(), l, cnt, &m, &sum)) {
+      const int64_t i = std::find_if(l, l + cnt, [](float v) { return !std::isfinite(v); }) - l;
+      fail_at("k contains NaN/Inf (or q.k overflows) at seq " + std::to_string(s) + ", token " +
+              std::to_string(t0 + i) + ", kv head " + std::to_string(x / G));
     }
-    for (int64_t i = 0; i < cnt; ++i) l[i] -= m[x];
-    exp_inplace(active_simd_level(), l, cnt);
+    float* st = state(x);
+    st[0] = m;
+    st[1] = float(sum);
   }
   std::fill(ws.facc, ws.facc + int64_t(Q) * d, 0.0f);
   ops.wsum(ws.cl, k_dense_chunk, H, G, d, vb, ws.off, c.kv.stride_head, cnt, ws.facc);
-  const int64_t stride = d + 2;
-  for (int32_t x = 0; x < Q; ++x) {
-    double l = 0;
-    const float* e = ws.cl + x * k_dense_chunk;
-    for (int64_t i = 0; i < cnt; ++i) l += double(e[i]);
-    float* st = c.partials + ((int64_t(s) * Q + x) * c.chunks_max + chunk) * stride;
-    st[0] = m[x];
-    st[1] = float(l);
-    for (int32_t j = 0; j < d; ++j) st[2 + j] = ws.facc[x * d + j];
-  }
+  for (int32_t x = 0; x < Q; ++x) std::copy_n(ws.facc + int64_t(x) * d, d, state(x) + 2);
 }
 
 // Merges the chunk states of one (sequence, query head) in chunk order, in double.

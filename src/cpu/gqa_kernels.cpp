@@ -99,6 +99,20 @@ void exp_scalar(float* x, int64_t n) {
   for (int64_t i = 0; i < n; ++i) x[i] = x[i] < -87.0f ? 0.0f : std::exp(x[i]);
 }
 
+bool shift_exp_sum_scalar(float* x, int64_t n, float* m, double* sum) {
+  float mx = -INFINITY;
+  for (int64_t i = 0; i < n; ++i) {
+    if (!std::isfinite(x[i])) return false;
+    mx = std::max(mx, x[i]);
+  }
+  for (int64_t i = 0; i < n; ++i) x[i] -= mx;
+  exp_scalar(x, n);
+  double s = 0;
+  for (int64_t i = 0; i < n; ++i) s += double(x[i]);
+  *m = mx, *sum = s;
+  return true;
+}
+
 // ---- AVX2 ------------------------------------------------------------------------------------
 #if VATTN_X86
 
@@ -107,14 +121,6 @@ VATTN_AVX2 inline void prefetch_row(const E* r, int32_t d) {
   const char* p = reinterpret_cast<const char*>(r);
   const int64_t bytes = int64_t(d) * int64_t(sizeof(E));
   for (int64_t b = 0; b < bytes; b += 64) _mm_prefetch(p + b, _MM_HINT_T0);
-}
-
-// Every kv head's row of one token, in address order: one span when the heads of a token are
-// adjacent (hs = d, the usual token-major layout), else row by row.
-template <typename E>
-VATTN_AVX2 inline void prefetch_token(const E* r, int32_t H, int64_t hs, int32_t d) {
-  if (hs == d) return prefetch_row(r, H * d);
-  for (int32_t h = 0; h < H; ++h) prefetch_row(r + h * hs, d);
 }
 
 // H heads (1..4) against one row: two FMA chains per head.
@@ -326,7 +332,10 @@ VATTN_AVX2 inline void dot_rows2_heads4(const float* q, int32_t d,
                                       _mm256_permute2f128_ps(s0, s1, 0x31)));
 }
 
-// Dense, token by token: every kv head's row of a token before the next token.
+// Dense, token by token: every kv head's row of a token before the next token. Prefetches are
+// spread over the work, one kv head's rows of the tokens ahead per head step: a whole token (32
+// lines for 8 heads of 128 bf16) issued at once overflows the core's miss buffers, and measured
+// 30-40% slower at 128K on the 2-core machine (docs/benchmarks.md, "Spread prefetch").
 template <dtype T>
 VATTN_AVX2 void dense_logits_avx2(const float* q, int32_t H, int32_t G, int32_t d,
                                   const typename storage<T>::type* base, const int64_t* off,
@@ -335,9 +344,9 @@ VATTN_AVX2 void dense_logits_avx2(const float* q, int32_t H, int32_t G, int32_t 
   if (G == 4 && d % 8 == 0) {
     float res[8];
     for (; i + 2 <= cnt; i += 2) {
-      for (int64_t t = i + k_dense_ahead; t < std::min(cnt, i + k_dense_ahead + 2); ++t)
-        prefetch_token(base + off[t], H, hs, d);
+      const int64_t ahead = std::min(cnt, i + k_dense_ahead + 2);
       for (int32_t h = 0; h < H; ++h) {
+        for (int64_t t = i + k_dense_ahead; t < ahead; ++t) prefetch_row(base + off[t] + h * hs, d);
         dot_rows2_heads4<T>(q + int64_t(h) * 4 * d, d, base + off[i] + h * hs,
                             base + off[i + 1] + h * hs, res);
         float* o = out + int64_t(h) * 4 * ld + i;
@@ -352,8 +361,9 @@ VATTN_AVX2 void dense_logits_avx2(const float* q, int32_t H, int32_t G, int32_t 
     }
 }
 
-// Blocks of 8 tokens: the next block's rows are prefetched in address order, then each kv
-// head's 8 rows (8 rows at a token stride share no L1 set) feed register-blocked sums.
+// Blocks of 8 tokens: each kv head's 8 rows (8 rows at a token stride share no L1 set) feed
+// register-blocked sums, after prefetching that head's rows of the next block (spread as in
+// dense_logits_avx2).
 template <dtype T>
 VATTN_AVX2 void dense_wsum_avx2(const float* w, int64_t ldw, int32_t H, int32_t G, int32_t d,
                                 const typename storage<T>::type* base, const int64_t* off,
@@ -362,9 +372,9 @@ VATTN_AVX2 void dense_wsum_avx2(const float* w, int64_t ldw, int32_t H, int32_t 
   int64_t oh[block];
   for (int64_t i0 = 0; i0 < cnt; i0 += block) {
     const int64_t n = std::min(block, cnt - i0);
-    for (int64_t i = i0 + block; i < std::min(cnt, i0 + 2 * block); ++i)
-      prefetch_token(base + off[i], H, hs, d);
+    const int64_t ahead = std::min(cnt, i0 + 2 * block);
     for (int32_t h = 0; h < H; ++h) {
+      for (int64_t i = i0 + block; i < ahead; ++i) prefetch_row(base + off[i] + h * hs, d);
       for (int64_t i = 0; i < n; ++i) oh[i] = off[i0 + i] + h * hs;
       for (int32_t g = 0; g < G; g += 4) {
         const float* wg = w + int64_t(h * G + g) * ldw + i0;
@@ -410,6 +420,54 @@ VATTN_AVX2 inline __m256 exp8(__m256 x) {
   const __m256i e =
       _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
   return _mm256_andnot_ps(under, _mm256_mul_ps(p, _mm256_castsi256_ps(e)));
+}
+
+// Vector maxima, and x * 0 summed (0 unless some x is NaN or infinite); then exp8(x - m) with
+// its sum in two double accumulators. The tail runs through one padded vector (-inf pads leave
+// the max alone and give exp 0; the finiteness sum masks them by lane).
+VATTN_AVX2 bool shift_exp_sum_avx2(float* x, int64_t n, float* m, double* sum) {
+  const int64_t n8 = n / 8 * 8;
+  __m256 mx = _mm256_set1_ps(-INFINITY), bad = _mm256_setzero_ps();
+  const __m256 zero = _mm256_setzero_ps();
+  for (int64_t i = 0; i < n8; i += 8) {
+    const __m256 v = _mm256_loadu_ps(x + i);
+    mx = _mm256_max_ps(mx, v);
+    bad = _mm256_add_ps(bad, _mm256_mul_ps(v, zero));
+  }
+  float tail[8];
+  for (int64_t j = 0; j < 8; ++j) tail[j] = n8 + j < n ? x[n8 + j] : -INFINITY;
+  {
+    const __m256 v = _mm256_loadu_ps(tail);
+    mx = _mm256_max_ps(mx, v);
+    const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    const __m256 real =
+        _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(int32_t(n - n8)), lane));
+    bad = _mm256_add_ps(bad, _mm256_and_ps(real, _mm256_mul_ps(v, zero)));
+  }
+  float b[8], mm[8];
+  _mm256_storeu_ps(b, bad);
+  _mm256_storeu_ps(mm, mx);
+  float mxs = mm[0];
+  bool finite = true;
+  for (int j = 0; j < 8; ++j) finite = finite && b[j] == 0.0f, mxs = std::max(mxs, mm[j]);
+  if (!finite) return false;
+  const __m256 ms = _mm256_set1_ps(mxs);
+  __m256d s0 = _mm256_setzero_pd(), s1 = _mm256_setzero_pd();
+  auto step = [&](float* p) VATTN_AVX2 {
+    const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(p), ms));
+    _mm256_storeu_ps(p, e);
+    s0 = _mm256_add_pd(s0, _mm256_cvtps_pd(_mm256_castps256_ps128(e)));
+    s1 = _mm256_add_pd(s1, _mm256_cvtps_pd(_mm256_extractf128_ps(e, 1)));
+  };
+  for (int64_t i = 0; i < n8; i += 8) step(x + i);
+  if (n8 < n) {
+    step(tail);
+    for (int64_t j = n8; j < n; ++j) x[j] = tail[j - n8];
+  }
+  double sd[4];
+  _mm256_storeu_pd(sd, _mm256_add_pd(s0, s1));
+  *m = mxs, *sum = (sd[0] + sd[1]) + (sd[2] + sd[3]);
+  return true;
 }
 
 VATTN_AVX2 void exp_avx2(float* x, int64_t n) {
@@ -467,6 +525,14 @@ const gqa_ops<T>& gqa_ops_for(simd_level l) {
 template const gqa_ops<dtype::f32>& gqa_ops_for<dtype::f32>(simd_level);
 template const gqa_ops<dtype::f16>& gqa_ops_for<dtype::f16>(simd_level);
 template const gqa_ops<dtype::bf16>& gqa_ops_for<dtype::bf16>(simd_level);
+
+bool shift_exp_sum(simd_level l, float* x, int64_t n, float* m, double* sum) {
+#if VATTN_X86
+  if (l >= simd_level::avx2) return shift_exp_sum_avx2(x, n, m, sum);
+#endif
+  (void)l;
+  return shift_exp_sum_scalar(x, n, m, sum);
+}
 
 void exp_inplace(simd_level l, float* x, int64_t n) {
 #if VATTN_X86

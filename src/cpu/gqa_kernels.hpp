@@ -50,4 +50,9 @@ const dense_ops<T>& dense_ops_for(simd_level l);
 // x[i] = exp(x[i]) in f32 (relative error below 2e-7; arguments below -87 give 0).
 void exp_inplace(simd_level l, float* x, int64_t n);
 
+// One softmax row of a dense chunk (n >= 1): m = max_i x[i], x[i] = exp(x[i] - m) as
+// exp_inplace, *sum = sum_i x[i] accumulated in double. Returns false, with x unchanged, when
+// some x[i] is NaN or infinite.
+bool shift_exp_sum(simd_level l, float* x, int64_t n, float* m, double* sum);
+
 }  // namespace vattn::detail
