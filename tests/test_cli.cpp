@@ -201,7 +201,7 @@ TEST(Cli, BenchSmallJson) {
   ASSERT_EQ(j["rows"].size(), 2u * 2u * 3u);  // contexts x batches x (dense, topk, vattention)
   for (const auto& row : j["rows"]) {
     for (const char* k : {"median_ms", "min_ms", "density", "mb_read", "gbs", "speedup_vs_dense",
-                          "err_mean", "err_p95", "floor_ms"}) {
+                          "err_mean", "err_p95", "floor_ms", "stream_gbs"}) {
       ASSERT_TRUE(row[k].is_number()) << k << " in " << row.dump();
       EXPECT_TRUE(std::isfinite(row[k].get<double>())) << k;
     }
