@@ -59,31 +59,52 @@ struct kv_elem<dtype::f32> {
   }
 };
 
+// Tuning (measured on an H200 at Llama-3.1-8B shapes, bf16, G = 4): bytes of K (and as many of
+// V) each lane loads per step; warps per multiprocessor the register budget is capped for
+// (dense: 16, so 128 registers; sparse also keeps list entries: 12); how many steps ahead each
+// warp asks L2 for its contiguous rows (0: off).
+constexpr int k_lane_bytes = 64;
+constexpr int k_dense_warps_per_sm = 16;
+constexpr int k_sparse_warps_per_sm = 12;
+constexpr int k_l2_prefetch_steps = 1;
+
 // How a block covers token rows: `k_lanes` consecutive lanes share one row, each holding
-// `k_dims` of its dimensions; a lane keeps G query rows and G accumulators of k_dims floats, so
-// wider groups take fewer dims per lane to stay within registers.
-template <int D, int G>
+// `k_dims` of its dimensions (8: one 16-byte word of bf16/f16, two of f32); a lane keeps G query
+// rows and G accumulators of k_dims floats. Each lane loads `k_unroll` rows of K and of V per
+// step, as raw words, before any is used (64 bytes of K and 64 of V per lane; half for G = 8,
+// whose queries and accumulators take twice the registers), and the register budget is capped
+// so that k_min_blocks blocks fit on a multiprocessor: the bytes in flight per multiprocessor,
+// not the arithmetic, bound a decode kernel.
+template <dtype T, int D, int G, bool Sparse = false>
 struct tiling {
-  static constexpr int k_dims = G <= 4 ? 16 : 8;
+  static constexpr int k_elem_bytes = int(sizeof(typename kv_elem<T>::type));
+  static constexpr int k_dims = 8;
+  static constexpr int k_words = k_dims * k_elem_bytes / 16;  // 16-byte words per lane and row
   static constexpr int k_lanes = D / k_dims;
   static constexpr int k_tokens = 32 / k_lanes;  // rows per warp per unrolled step
-  static constexpr int k_unroll = 2;             // rows per lane loaded before any is used
+  static constexpr int k_bytes = G >= 8 ? k_lane_bytes / 2 : k_lane_bytes;
+  static constexpr int k_unroll = k_bytes / (k_dims * k_elem_bytes) > 0
+                                      ? k_bytes / (k_dims * k_elem_bytes)
+                                      : 1;
   static constexpr int k_warps = k_threads / 32;
-  static constexpr int k_slots = k_warps * k_tokens;  // partial states a block merges
-  static constexpr int k_step = k_slots * k_unroll;   // tokens a block covers per step
-  static_assert(D % k_dims == 0 && 32 % k_lanes == 0 && k_lanes <= 32, "bad tiling");
+  static constexpr int k_min_warps =
+      G >= 8 ? 8 : (Sparse ? k_sparse_warps_per_sm : k_dense_warps_per_sm);
+  static constexpr int k_min_blocks = k_min_warps / k_warps > 0 ? k_min_warps / k_warps : 1;
+  static constexpr int k_step = k_warps * k_tokens * k_unroll;  // tokens a block covers per step
+  static_assert(D % k_dims == 0 && 32 % k_lanes == 0 && k_lanes <= 32 && k_words >= 1,
+                "bad tiling");
 };
 
-// Loads this lane's `P` elements of a row (16-byte words, read-only path) as floats.
-template <dtype T, int P>
-__device__ __forceinline__ void load_row(const typename kv_elem<T>::type* row, float (&x)[P]) {
-  constexpr int n_words = P / kv_elem<T>::k_per_word;
-  const uint4* p = reinterpret_cast<const uint4*>(row);
-  uint4 w[n_words];
+// Asks L2 for the 128-byte line at p; nothing waits on it.
+__device__ __forceinline__ void prefetch_l2(const void* p) {
+  asm volatile("prefetch.global.L2 [%0];" ::"l"(p));
+}
+
+// Unpacks `NW` 16-byte words of one row into floats.
+template <dtype T, int NW>
+__device__ __forceinline__ void unpack_row(const uint4 (&w)[NW], float* x) {
 #pragma unroll
-  for (int i = 0; i < n_words; ++i) w[i] = __ldg(p + i);
-#pragma unroll
-  for (int i = 0; i < n_words; ++i) kv_elem<T>::unpack(w[i], x + i * kv_elem<T>::k_per_word);
+  for (int i = 0; i < NW; ++i) kv_elem<T>::unpack(w[i], x + i * kv_elem<T>::k_per_word);
 }
 
 __device__ inline void report(device_status* st, int32_t code, int32_t seq, int64_t value,
@@ -103,19 +124,28 @@ __device__ inline int64_t packed_row0(const int32_t* seq_len, int s) {
   return acc;
 }
 
+// A logit may exceed the running reference m by this much (base 2) before the accumulators are
+// rescaled: p = 2^(s - m) <= 2^8 stays exact in f32, and l and acc share the reference, so the
+// final o / l is unchanged; rescaling becomes rare instead of a multiply per row and dim.
+constexpr float k_rescale_slack = 8.f;
+
 // One block: (split, group of G query heads, sequence). It walks its chunk of the sequence's
-// tokens (dense) or of its list (sparse) with an online softmax per lane group, merges the
-// lane groups through shared memory and writes one partial state per query head and split.
-// Device-resident arguments are checked on the way; a bad one is reported and the block stops
-// (the merge then writes NaN).
+// tokens (dense) or of its list (sparse) with an online softmax per lane group, merges the lane
+// groups of a warp by shuffles and the warps through shared memory, and writes one partial
+// state per query head and split. Device-resident arguments are checked on the way; a bad one
+// is reported and the block stops (the merge then writes NaN).
 template <dtype T, int D, int G, bool Sparse>
-__global__ void __launch_bounds__(k_threads) split_kernel(const split_args a) {
-  using tl = tiling<D, G>;
+__global__ void __launch_bounds__(k_threads, (tiling<T, D, G, Sparse>::k_min_blocks))
+    split_kernel(const split_args a) {
+  using tl = tiling<T, D, G, Sparse>;
   using elem_t = typename kv_elem<T>::type;
-  constexpr int P = tl::k_dims, LPT = tl::k_lanes, TPW = tl::k_tokens, U = tl::k_unroll;
-  __shared__ float sm_o[tl::k_slots][G][D];
-  __shared__ float sm_m[tl::k_slots][G];
-  __shared__ float sm_l[tl::k_slots][G];
+  constexpr int P = tl::k_dims, NW = tl::k_words, LPT = tl::k_lanes, TPW = tl::k_tokens,
+                U = tl::k_unroll;
+  __shared__ float sm_o[tl::k_warps][G][D];
+  __shared__ float sm_m[tl::k_warps][G];
+  __shared__ float sm_l[tl::k_warps][G];
+  // the queries, pre-scaled, as each lane group's float4 words: [h][word][sub]
+  __shared__ float4 sm_q[G][P / 4][LPT];
 
   const int split = blockIdx.x, qh0 = blockIdx.y * G, s = blockIdx.z;
   const int kvh = qh0 / a.group;
@@ -185,13 +215,14 @@ __global__ void __launch_bounds__(k_threads) split_kernel(const split_args a) {
   };
 
   // Queries pre-scaled by scale * log2(e): logits come out in base 2 for exp2.
-  float qr[G][P];
-#pragma unroll
-  for (int h = 0; h < G; ++h) {
-    const float* qh = a.q + (size_t(s) * a.n_head_q + qh0 + h) * D + sub * P;
-#pragma unroll
-    for (int j = 0; j < P; ++j) qr[h][j] = qh[j] * a.scale_log2;
+  // (in shared memory, read back per row: the registers hold rows in flight instead)
+  for (int o = threadIdx.x; o < G * D / 4; o += k_threads) {
+    const int h = o / (D / 4), w4 = o % (D / 4);  // w4: float4 word of the head's row
+    const float* x = a.q + (size_t(s) * a.n_head_q + qh0 + h) * D + 4 * w4;  // any alignment
+    const float c = a.scale_log2;
+    sm_q[h][w4 % (P / 4)][w4 / (P / 4)] = make_float4(x[0] * c, x[1] * c, x[2] * c, x[3] * c);
   }
+  __syncthreads();
   float m[G], l[G], acc[G][P];
 #pragma unroll
   for (int h = 0; h < G; ++h) {
@@ -201,11 +232,11 @@ __global__ void __launch_bounds__(k_threads) split_kernel(const split_args a) {
   }
 
   // Warps interleave by steps of U x TPW rows. The loop bound is uniform in a warp (the
-  // shuffles need every lane); a lane past the end reloads a valid row and discards it. All U
-  // rows are loaded before any is used, so U x 2 rows' words per lane are in flight. Sparse: the
-  // list entries (token, weight) of the next step are loaded while this step's rows are in
-  // flight, so a row's load does not wait on its index's load (entries past the chunk read entry
-  // t0 instead and are discarded).
+  // shuffles need every lane); a lane past the end reloads a valid row and discards it. A step's
+  // U rows of K and V are loaded as raw words before any is used. Sparse: the list entries (token,
+  // weight) of the step after the loaded one are read while its rows are in flight, so a row's load
+  // does not wait on its index's load (entries past the chunk read entry t0 instead and are
+  // discarded).
   int tn[U];
   float wn[U];
   auto fetch = [&](int b) {
@@ -216,75 +247,152 @@ __global__ void __launch_bounds__(k_threads) split_kernel(const split_args a) {
       wn[u] = list_w[ii];
     }
   };
-  const int first = int(t0) + warp * TPW * U;
-  if constexpr (Sparse) fetch(first);
-  for (int base = first; base < t1; base += tl::k_step) {
-    float kx[U][P], vx[U][P], wt[U];
-    bool valid[U];
+  // Loads the rows of the step at b (rows past the chunk: a valid row, discarded).
+  auto issue = [&](int b, uint4(&kw)[U][NW], uint4(&vw)[U][NW], float(&wt)[U]) {
 #pragma unroll
     for (int u = 0; u < U; ++u) {
-      const int i = base + u * TPW + slot;
-      valid[u] = i < t1;
-      int t = valid[u] ? i : base;
+      const int i = b + u * TPW + slot;
+      int t = i < t1 ? i : int(t0);
       wt[u] = 1.f;
       if constexpr (Sparse) {
         t = tn[u];
         wt[u] = wn[u];
         if (t < 0 || t >= n) {
-          report(a.status, k_bad_index, s, t, (list - a.indices) + (valid[u] ? i : int(t0)), n);
+          report(a.status, k_bad_index, s, t, (list - a.indices) + (i < t1 ? i : int(t0)), n);
           t = 0;
         }
       }
       const int64_t off = row_offset(t);
-      load_row<T, P>(kb + off, kx[u]);
-      load_row<T, P>(vb + off, vx[u]);
+      const uint4* pk = reinterpret_cast<const uint4*>(kb + off);
+      const uint4* pv = reinterpret_cast<const uint4*>(vb + off);
+#pragma unroll
+      for (int w = 0; w < NW; ++w) kw[u][w] = __ldg(pk + w);
+#pragma unroll
+      for (int w = 0; w < NW; ++w) vw[u][w] = __ldg(pv + w);
     }
-    if constexpr (Sparse) fetch(base + tl::k_step);
+  };
+  // The online softmax over the step at b: logits of its U rows, one reference update per step
+  // (only when a logit exceeds it by more than the slack), then the weighted sums.
+  auto consume = [&](int b, const uint4(&kw)[U][NW], const uint4(&vw)[U][NW], const float(&wt)[U]) {
+    float sc[U][G];
 #pragma unroll
     for (int u = 0; u < U; ++u) {
-      float sc[G];
+      float kx[P];
+      unpack_row<T, NW>(kw[u], kx);
 #pragma unroll
       for (int h = 0; h < G; ++h) {
         float d = 0.f;
 #pragma unroll
-        for (int j = 0; j < P; ++j) d = fmaf(qr[h][j], kx[u][j], d);
-        sc[h] = d;
-      }
-#pragma unroll
-      for (int off = LPT / 2; off > 0; off /= 2)
-#pragma unroll
-        for (int h = 0; h < G; ++h) sc[h] += __shfl_xor_sync(0xffffffffu, sc[h], off);
-      if (!valid[u]) continue;
-#pragma unroll
-      for (int h = 0; h < G; ++h) {
-        const float mn = fmaxf(m[h], sc[h]);
-        const float r = exp2_approx(m[h] - mn);  // m = -inf on the first row: r = 0
-        const float p = wt[u] * exp2_approx(sc[h] - mn);
-        l[h] = fmaf(l[h], r, p);
-#pragma unroll
-        for (int j = 0; j < P; ++j) acc[h][j] = fmaf(p, vx[u][j], acc[h][j] * r);
-        m[h] = mn;
+        for (int w = 0; w < P / 4; ++w) {
+          const float4 qv = sm_q[h][w][sub];
+          d = fmaf(qv.x, kx[4 * w], d);
+          d = fmaf(qv.y, kx[4 * w + 1], d);
+          d = fmaf(qv.z, kx[4 * w + 2], d);
+          d = fmaf(qv.w, kx[4 * w + 3], d);
+        }
+        sc[u][h] = d;
       }
     }
+#pragma unroll
+    for (int off = LPT / 2; off > 0; off /= 2)
+#pragma unroll
+      for (int u = 0; u < U; ++u)
+#pragma unroll
+        for (int h = 0; h < G; ++h) sc[u][h] += __shfl_xor_sync(0xffffffffu, sc[u][h], off);
+    bool valid[U];
+#pragma unroll
+    for (int u = 0; u < U; ++u) valid[u] = b + u * TPW + slot < t1;
+#pragma unroll
+    for (int h = 0; h < G; ++h) {
+      float mx = -INFINITY;
+#pragma unroll
+      for (int u = 0; u < U; ++u)
+        if (valid[u]) mx = fmaxf(mx, sc[u][h]);
+      if (mx > m[h] + k_rescale_slack) {  // m = -inf on the first row: r = 0
+        const float r = exp2_approx(m[h] - mx);
+        l[h] *= r;
+#pragma unroll
+        for (int j = 0; j < P; ++j) acc[h][j] *= r;
+        m[h] = mx;
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      float vx[P];
+      unpack_row<T, NW>(vw[u], vx);
+#pragma unroll
+      for (int h = 0; h < G; ++h) {
+        const float p = valid[u] ? wt[u] * exp2_approx(sc[u][h] - m[h]) : 0.f;
+        l[h] += p;
+#pragma unroll
+        for (int j = 0; j < P; ++j) acc[h][j] = fmaf(p, vx[j], acc[h][j]);
+      }
+    }
+  };
+
+  const int first = int(t0) + warp * TPW * U;
+  if constexpr (Sparse) fetch(first);
+  for (int base = first; base < t1; base += tl::k_step) {
+    if constexpr (!Sparse && k_l2_prefetch_steps > 0) {
+      // contiguous: the warp asks L2 for the K and V lines of its step k_l2_prefetch_steps
+      // ahead (R consecutive rows, LR lines each), so DRAM has more bytes in flight than the
+      // registers hold
+      constexpr int R = TPW * U, LR = D * tl::k_elem_bytes / 128;
+      static_assert(LR >= 1, "rows of at least 128 bytes");
+      for (int x = lane; x < 2 * R * LR; x += 32) {
+        const int i = base + k_l2_prefetch_steps * tl::k_step + (x / LR) % R;
+        if (!a.paged && i < t1) {
+          const elem_t* row = static_cast<const elem_t*>(x < R * LR ? a.k : a.v) +
+                              kvh * a.stride_head + (row0 + i) * a.stride_token;
+          prefetch_l2(reinterpret_cast<const char*>(row) + 128 * (x % LR));
+        }
+      }
+    }
+    uint4 kw[U][NW], vw[U][NW];
+    float wt[U];
+    issue(base, kw, vw, wt);
+    if constexpr (Sparse) fetch(base + tl::k_step);
+    consume(base, kw, vw, wt);
   }
   // A lane group whose loop ran zero times holds m = -inf, l = 0, acc = 0: an empty state.
 
-  // --- merge the block's k_slots lane groups through shared memory, one output per thread
-  const int g = warp * TPW + slot;
+  // --- merge the warp's TPW lane groups by shuffles (lane groups sub, sub + LPT, ...)
 #pragma unroll
-  for (int h = 0; h < G; ++h) {
-    if (sub == 0) sm_m[g][h] = m[h], sm_l[g][h] = l[h];
+  for (int off = LPT; off < 32; off *= 2) {
 #pragma unroll
-    for (int j = 0; j < P; ++j) sm_o[g][h][sub * P + j] = acc[h][j];
+    for (int h = 0; h < G; ++h) {
+      const float mo = __shfl_xor_sync(0xffffffffu, m[h], off);
+      const float lo = __shfl_xor_sync(0xffffffffu, l[h], off);
+      const float mx = fmaxf(m[h], mo);
+      const float r0 = mx == -INFINITY ? 0.f : exp2_approx(m[h] - mx);
+      const float r1 = mx == -INFINITY ? 0.f : exp2_approx(mo - mx);
+      l[h] = fmaf(l[h], r0, lo * r1);
+#pragma unroll
+      for (int j = 0; j < P; ++j) {
+        const float ao = __shfl_xor_sync(0xffffffffu, acc[h][j], off);
+        acc[h][j] = fmaf(acc[h][j], r0, ao * r1);
+      }
+      m[h] = mx;
+    }
+  }
+
+  // --- merge the block's warps through shared memory, one output per thread
+  if (lane < LPT) {
+#pragma unroll
+    for (int h = 0; h < G; ++h) {
+      if (sub == 0) sm_m[warp][h] = m[h], sm_l[warp][h] = l[h];
+#pragma unroll
+      for (int j = 0; j < P; ++j) sm_o[warp][h][sub * P + j] = acc[h][j];
+    }
   }
   __syncthreads();
   for (int o = threadIdx.x; o < G * D; o += k_threads) {
     const int h = o / D, d = o % D;
     float mx = -INFINITY;
-    for (int x = 0; x < tl::k_slots; ++x) mx = fmaxf(mx, sm_m[x][h]);
+    for (int x = 0; x < tl::k_warps; ++x) mx = fmaxf(mx, sm_m[x][h]);
     float sum = 0.f, out = 0.f;
     if (mx != -INFINITY) {
-      for (int x = 0; x < tl::k_slots; ++x) {
+      for (int x = 0; x < tl::k_warps; ++x) {
         const float r = exp2_approx(sm_m[x][h] - mx);
         sum = fmaf(sm_l[x][h], r, sum);
         out = fmaf(sm_o[x][h][d], r, out);
