@@ -1,6 +1,6 @@
 // avx2_util.hpp: AVX2 helpers shared by the CPU kernels: the target attribute, a horizontal sum,
-// and loads of eight row elements (f32, f16, bf16) as f32. Functions carry the AVX2 target
-// attribute, so including this header keeps the translation unit portable.
+// a register pin, and loads of eight row elements (f32, f16, bf16) as f32. Functions carry the AVX2
+// target attribute, so including this header keeps the translation unit portable.
 #pragma once
 
 #if defined(__x86_64__) || defined(__i386__)
@@ -20,6 +20,14 @@ VATTN_AVX2 inline float hsum(__m256 v) {
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
   s = _mm_add_ss(s, _mm_movehdup_ps(s));
   return _mm_cvtss_f32(s);
+}
+
+// x, held in a register: the compiler may not fold its load into each instruction that uses it.
+// This machine's cores issue about one 256-bit load per cycle and two FMAs: a vector used by two
+// FMAs and loaded twice (folded) makes a dot-product loop load-bound.
+VATTN_AVX2 inline __m256 pinned(__m256 x) {
+  asm("" : "+x"(x));
+  return x;
 }
 
 template <dtype T>

@@ -321,7 +321,7 @@ VATTN_AVX2 inline void dot_rows2_heads4(const float* q, int32_t d,
   for (int32_t j = 0; j < d; j += 8) {
     const __m256 k0 = L::at(r0 + j), k1 = L::at(r1 + j);
     for (int h = 0; h < 4; ++h) {
-      const __m256 qh = _mm256_loadu_ps(q + h * d + j);
+      const __m256 qh = avx2::pinned(_mm256_loadu_ps(q + h * d + j));  // one load, two FMAs
       a[h] = _mm256_fmadd_ps(qh, k0, a[h]);
       a[4 + h] = _mm256_fmadd_ps(qh, k1, a[4 + h]);
     }
