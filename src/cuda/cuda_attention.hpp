@@ -159,7 +159,8 @@ class plan {
   int32_t sparse_splits(int32_t n_seq, bool per_group, int64_t list_stride) const;
 
  private:
-  int32_t splits(int32_t n_seq, int32_t blocks_per_seq, int64_t tokens, int32_t per_sm) const;
+  int32_t splits(int32_t n_seq, int32_t blocks_per_seq, int64_t tokens, int32_t per_sm,
+                 int32_t min_chunk) const;
   void enqueue_dense(const dense_args& a, void* ws, stream_t stream, bool clear) const;
   void enqueue_sparse(const sparse_args& a, void* ws, stream_t stream, bool clear) const;
 

@@ -292,22 +292,26 @@ plan::plan(const params& p, const config& cfg) : p_(p), cfg_(cfg) {
 }
 
 // Splits fill one wave of resident blocks (a partial second wave would leave most of the
-// machine idle), with at least k_min_chunk tokens each.
-int32_t plan::splits(int32_t n_seq, int32_t blocks_per_seq, int64_t tokens, int32_t per_sm) const {
+// machine idle), with at least min_chunk tokens or list entries each.
+int32_t plan::splits(int32_t n_seq, int32_t blocks_per_seq, int64_t tokens, int32_t per_sm,
+                     int32_t min_chunk) const {
   const int64_t wave = int64_t(per_sm) * sm_count_;
   const int64_t want = std::max<int64_t>(1, wave / (int64_t(n_seq) * blocks_per_seq));
-  const int64_t need = (tokens + detail::k_min_chunk - 1) / detail::k_min_chunk;
+  const int64_t need = (tokens + min_chunk - 1) / min_chunk;
   return int32_t(std::clamp<int64_t>(std::min(want, need), 1, detail::k_max_splits));
 }
 
 int32_t plan::dense_splits(int32_t n_seq) const {
-  return splits(n_seq, p_.n_head_q / heads_per_block_, p_.n_tokens_max, per_sm_[k_dense]);
+  return splits(n_seq, p_.n_head_q / heads_per_block_, p_.n_tokens_max, per_sm_[k_dense],
+                detail::k_min_chunk);
 }
 
 int32_t plan::sparse_splits(int32_t n_seq, bool per_group, int64_t list_stride) const {
   if (per_group)
-    return splits(n_seq, p_.n_head_q / heads_per_block_, list_stride, per_sm_[k_sparse_group]);
-  return splits(n_seq, p_.n_head_q, list_stride, per_sm_[k_sparse_head]);
+    return splits(n_seq, p_.n_head_q / heads_per_block_, list_stride, per_sm_[k_sparse_group],
+                  detail::k_min_chunk_sparse);
+  return splits(n_seq, p_.n_head_q, list_stride, per_sm_[k_sparse_head],
+                detail::k_min_chunk_sparse);
 }
 
 void plan::dense(const dense_args& a, void* workspace, size_t workspace_size,

@@ -11,7 +11,10 @@
 namespace vattn::cuda::detail {
 
 constexpr int k_threads = 128;    // threads per split block (4 warps)
-constexpr int k_min_chunk = 256;  // fewest tokens (or list entries) a split is given
+constexpr int k_min_chunk = 256;  // fewest tokens a dense split is given
+// fewest list entries a sparse split is given: a 5% list at 128K (6.5K entries per kv group)
+// then fills a wave at batch 1 (49 splits of 134 entries) instead of 26 splits of 256
+constexpr int k_min_chunk_sparse = 64;
 constexpr int k_max_splits = 1024;
 
 // The first bad device-resident value a kernel met; written once (atomicCAS on code).

@@ -188,8 +188,10 @@ __global__ void __launch_bounds__(k_threads, (tiling<T, D, G, Sparse>::k_min_blo
     list_w = a.weights + lh * a.list_stride;
   }
 
-  // --- this block's chunk: at least k_min_chunk items, so short sequences use few blocks
-  const int64_t chunk = max((int64_t(total) + a.n_split - 1) / a.n_split, int64_t(k_min_chunk));
+  // --- this block's chunk: at least k_min_chunk tokens (dense) or k_min_chunk_sparse list
+  // entries, so short sequences and lists use few blocks
+  constexpr int min_chunk = Sparse ? k_min_chunk_sparse : k_min_chunk;
+  const int64_t chunk = max((int64_t(total) + a.n_split - 1) / a.n_split, int64_t(min_chunk));
   const int64_t t0 = min(int64_t(total), int64_t(split) * chunk);
   const int t1 = int(min(int64_t(total), t0 + chunk));
   if (t0 >= t1) {  // nothing here: an empty state (m = -inf) that the merge skips
