@@ -90,7 +90,7 @@ layout_sizes scratch_sizes(int64_t n_max, int32_t group, int32_t d) {
   s.ints = align_up(sizeof(int32_t) * size_t(rows));
   s.offs = align_up(sizeof(int64_t) * size_t(rows));
   s.acc = align_up(sizeof(double) * 4 * size_t(d) * group);
-  s.facc = align_up(sizeof(float) * (size_t(d) + 1) * group);
+  s.facc = align_up(sizeof(float) * size_t(d) * group);
   const size_t chunks = size_t(rows / k_flush + 1);
   s.part = align_up(sizeof(float) * chunks * size_t(d) * group);
   s.mpart = align_up(sizeof(double) * chunks * 3 * size_t(d) * group);

@@ -335,7 +335,8 @@ VATTN_AVX2 inline void dot_rows2_heads4(const float* q, int32_t d,
 // Dense, token by token: every kv head's row of a token before the next token. Prefetches are
 // spread over the work, one kv head's rows of the tokens ahead per head step: a whole token (32
 // lines for 8 heads of 128 bf16) issued at once overflows the core's miss buffers, and measured
-// 30-40% slower at 128K on the 2-core machine (docs/benchmarks.md, "Spread prefetch").
+// 30-40% slower at 128K on the 2-core machine (docs/benchmarks.md, "Dense with spread
+// prefetches").
 template <dtype T>
 VATTN_AVX2 void dense_logits_avx2(const float* q, int32_t H, int32_t G, int32_t d,
                                   const typename storage<T>::type* base, const int64_t* off,
