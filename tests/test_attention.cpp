@@ -420,6 +420,32 @@ TEST(Threads, IdenticalFor1_2_8) {
   }
 }
 
+// The same with bf16 rows, four query heads per kv head and head_dim 128: the sparse kernels'
+// paired-row and blocked paths (the shapes of Llama-3.1-8B).
+TEST(Threads, IdenticalFor1_2_8Bf16Groups4) {
+  for (const char* m : {"vattention", "signs", "topk"}) {
+    const std::string name = m;
+    config cfg = name == "signs" ? parse_config("predictor=signs", small_config("vattention"))
+                                 : small_config(m);
+    cfg.gqa_shared = name != "vattention";
+    std::vector<std::vector<float>> outs;
+    std::vector<std::vector<int32_t>> idx;
+    for (int32_t t : {1, 2, 8}) {
+      batch b = make_batch(synth::family::uniform, {1500, 77, 3000}, 8, 2, 128, dtype::bf16,
+                           kv_layout::contiguous, 5);
+      run_args a = b.args(7);
+      const auto ix = index_for(cfg, b, a);
+      run_cpu(cfg, b, a, t);
+      outs.push_back(b.out);
+      idx.push_back(b.indices);
+    }
+    EXPECT_EQ(outs[0], outs[1]) << m;
+    EXPECT_EQ(outs[0], outs[2]) << m;
+    EXPECT_EQ(idx[0], idx[1]) << m;
+    EXPECT_EQ(idx[0], idx[2]) << m;
+  }
+}
+
 // With eps so small that b = n_s the residual is exact and the output equals dense attention.
 TEST(Exactness, FullBudgetEqualsDense) {
   for (budget_mode mode : {budget_mode::denominator, budget_mode::output}) {

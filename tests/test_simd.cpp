@@ -304,6 +304,15 @@ bool gqa_case(simd_level lvl, int layout, int32_t d, int32_t G, int64_t cnt, std
       for (int64_t i = 0; i < cnt; ++i)
         for (int32_t j = 0; j < d; ++j) mag[g * ld + i] += std::abs(q[g * d + j] * val(i, j));
     if (!close(got.data(), want, mag, 1e-5, at + " logits")) return false;
+    // A list gives the bits of its rows one at a time (the one-row kernel's summation order,
+    // which the CUDA backend reproduces), whichever path (rows in pairs, an odd last row) took it.
+    std::vector<float> one(want.size(), -7.0f);
+    for (int64_t i = 0; i < cnt; ++i)
+      ops.logits(q.data(), G, d, base.data(), off.data() + i, 1, one.data() + i, ld);
+    if (std::memcmp(one.data(), got.data(), one.size() * sizeof(float)) != 0) {
+      ADD_FAILURE() << at << " logits: the list's bits differ from row-by-row calls";
+      return false;
+    }
   }
 
   const int64_t ldw = cnt + 5;
@@ -320,9 +329,17 @@ bool gqa_case(simd_level lvl, int layout, int32_t d, int32_t G, int64_t cnt, std
     for (int32_t g = 0; g < G; ++g)
       for (int64_t i = 0; i < cnt; ++i)
         for (int32_t j = 0; j < d; ++j) mag[g * d + j] += std::abs(w[g * ldw + i] * val(i, j));
+    std::vector<float> one(got.data(), got.data() + ngd);
     ref.wsum(w.data(), ldw, G, d, base.data(), off.data(), cnt, want.data());
     ops.wsum(w.data(), ldw, G, d, base.data(), off.data(), cnt, got.data());
     if (!close(got.data(), want, mag, 1e-5, at + " wsum")) return false;
+    // Each element sums its rows in list order: row-by-row calls give the same bits.
+    for (int64_t i = 0; i < cnt; ++i)
+      ops.wsum(w.data() + i, ldw, G, d, base.data(), off.data() + i, 1, one.data());
+    if (std::memcmp(one.data(), got.data(), ngd * sizeof(float)) != 0) {
+      ADD_FAILURE() << at << " wsum: the list's bits differ from row-by-row calls";
+      return false;
+    }
   }
 
   {  // moments in double add to s1, s2, s3
@@ -341,8 +358,19 @@ bool gqa_case(simd_level lvl, int layout, int32_t d, int32_t G, int64_t cnt, std
           m2[g * d + j] += x * x;
           m3[g * d + j] += std::abs(e) * x;
         }
+    std::vector<double> o1(g1.data(), g1.data() + ngd), o2(g2.data(), g2.data() + ngd),
+        o3(g3.data(), g3.data() + ngd);
     ref.moments(w.data(), ldw, G, d, base.data(), off.data(), cnt, w1.data(), w2.data(), w3.data());
     ops.moments(w.data(), ldw, G, d, base.data(), off.data(), cnt, g1.data(), g2.data(), g3.data());
+    for (int64_t i = 0; i < cnt; ++i)
+      ops.moments(w.data() + i, ldw, G, d, base.data(), off.data() + i, 1, o1.data(), o2.data(),
+                  o3.data());
+    if (std::memcmp(o1.data(), g1.data(), ngd * 8) != 0 ||
+        std::memcmp(o2.data(), g2.data(), ngd * 8) != 0 ||
+        std::memcmp(o3.data(), g3.data(), ngd * 8) != 0) {
+      ADD_FAILURE() << at << " moments: the list's bits differ from row-by-row calls";
+      return false;
+    }
     if (!close(g1.data(), w1, m1, 1e-12, at + " moments s1")) return false;
     if (!close(g2.data(), w2, m2, 1e-12, at + " moments s2")) return false;
     if (!close(g3.data(), w3, m3, 1e-12, at + " moments s3")) return false;

@@ -12,7 +12,7 @@ namespace vattn::detail {
 
 namespace {
 
-constexpr int64_t k_prefetch = 8;     // rows ahead
+constexpr int64_t k_prefetch = 8;     // rows ahead (moments)
 constexpr int64_t k_dense_ahead = 4;  // dense: tokens ahead
 
 // ---- scalar ----------------------------------------------------------------------------------
@@ -116,8 +116,10 @@ bool shift_exp_sum_scalar(float* x, int64_t n, float* m, double* sum) {
 // ---- AVX2 ------------------------------------------------------------------------------------
 #if VATTN_X86
 
+// Always inlined: a call to a function that only prefetches is dead code to GCC (it finds the
+// function pure and drops the call).
 template <typename E>
-VATTN_AVX2 inline void prefetch_row(const E* r, int32_t d) {
+[[gnu::always_inline]] VATTN_AVX2 inline void prefetch_row(const E* r, int32_t d) {
   const char* p = reinterpret_cast<const char*>(r);
   const int64_t bytes = int64_t(d) * int64_t(sizeof(E));
   for (int64_t b = 0; b < bytes; b += 64) _mm_prefetch(p + b, _MM_HINT_T0);
@@ -151,53 +153,212 @@ VATTN_AVX2 inline void dot_heads(const float* q, int32_t d, const typename stora
   }
 }
 
+// Sparse lists: rows are far apart (one kv head's row of a token-major cache every 2 KB), so the
+// hardware prefetchers do not help and each row's lines are asked for twice: into L2 k_far rows
+// ahead, into L1 `near` rows ahead (the logits: k_near; the weighted sums: one block of rows). A
+// single L1 prefetch far enough ahead to cover the memory latency keeps more rows in L1 than the
+// few sets one kv head's rows map to can hold (all rows of a kv head share address bits 8-10), and
+// a near one alone leaves too few lines in flight.
+constexpr int64_t k_far = 16, k_near = 4;
+
+template <typename E>
+[[gnu::always_inline]] VATTN_AVX2 inline void prefetch_row_l2(const E* r, int32_t d) {
+  const char* p = reinterpret_cast<const char*>(r);
+  const int64_t bytes = int64_t(d) * int64_t(sizeof(E));
+  for (int64_t b = 0; b < bytes; b += 64) _mm_prefetch(p + b, _MM_HINT_T2);
+}
+
+// Row i of a list is needed soon: ask for rows i + k_far (into L2) and i + near (into L1).
+template <int64_t near, typename E>
+[[gnu::always_inline]] VATTN_AVX2 inline void prefetch_ahead(const E* base, const int64_t* off,
+                                                             int64_t i, int64_t cnt, int32_t d) {
+  if (i + k_far < cnt) prefetch_row_l2(base + off[i + k_far], d);
+  if (i + near < cnt) prefetch_row(base + off[i + near], d);
+}
+
+// Sixteen row elements at r as two f32 vectors in the order of perm16 (bf16: one 256-bit load,
+// the even elements by a shift, the odd ones by a mask; no conversion shuffles), or in storage
+// order (f16, f32).
+template <dtype T>
+struct load16x2 {
+  static constexpr bool permuted = false;
+  VATTN_AVX2 static void at(const typename storage<T>::type* r, __m256& lo, __m256& hi) {
+    lo = avx2::load8<T>::at(r), hi = avx2::load8<T>::at(r + 8);
+  }
+};
+template <>
+struct load16x2<dtype::bf16> {
+  static constexpr bool permuted = true;
+  VATTN_AVX2 static void at(const uint16_t* r, __m256& even, __m256& odd) {
+    const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(r));
+    even = _mm256_castsi256_ps(_mm256_slli_epi32(x, 16));
+    odd = _mm256_castsi256_ps(_mm256_and_si256(x, _mm256_set1_epi32(int32_t(0xffff0000u))));
+  }
+};
+
+// The order load16x2<bf16> gives, on each group of 16 floats of x[0, n16): even elements, then
+// odd ones (forward), and back (inverse).
+VATTN_AVX2 inline void perm16(float* x, int32_t n16, bool inverse) {
+  for (int32_t j = 0; j < n16; j += 16) {
+    const __m256 a = _mm256_loadu_ps(x + j), b = _mm256_loadu_ps(x + j + 8);
+    __m256 lo, hi;
+    if (!inverse) {  // a = x0..x7, b = x8..x15 -> (x0 x2 .. x14), (x1 x3 .. x15)
+      // e = x0 x2 x8 x10 | x4 x6 x12 x14: its 64-bit pairs in the order 0 2 1 3
+      const __m256 e = _mm256_shuffle_ps(a, b, _MM_SHUFFLE(2, 0, 2, 0));
+      const __m256 o = _mm256_shuffle_ps(a, b, _MM_SHUFFLE(3, 1, 3, 1));
+      lo = _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(e), _MM_SHUFFLE(3, 1, 2, 0)));
+      hi = _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(o), _MM_SHUFFLE(3, 1, 2, 0)));
+    } else {  // a = evens, b = odds -> natural order
+      const __m256 l = _mm256_unpacklo_ps(a, b), h = _mm256_unpackhi_ps(a, b);
+      lo = _mm256_permute2f128_ps(l, h, 0x20), hi = _mm256_permute2f128_ps(l, h, 0x31);
+    }
+    _mm256_storeu_ps(x + j, lo), _mm256_storeu_ps(x + j + 8, hi);
+  }
+}
+
+// Two rows against two heads, sixteen elements a step (d % 16 == 0); q is [2, d] in load16x2's
+// order. Each (row, head) keeps one accumulator chain per vector of load16x2, so every element
+// goes to the lane and in the order of the one-row kernel (dot_heads: 16 lanes, element j in lane
+// j % 16), and the sums equal its sums bit for bit: f16/f32 reduce as it does, hsum(a0 + a1); the
+// bf16 even/odd chains hold lanes 0, 2, .., 14 and 1, 3, .., 15 of that sum, and hsum of each, then
+// their sum, is the same tree of additions. The CUDA backend reproduces this order (select_math.hpp
+// dot_order), so the logits must not change by a rounding. res[r * 2 + h] = <q_h, row_r>.
+template <dtype T>
+VATTN_AVX2 inline void dot_rows2_heads2_16(const float* q, int32_t d,
+                                           const typename storage<T>::type* r0,
+                                           const typename storage<T>::type* r1, float* res) {
+  __m256 a[2][2][2];  // [row][head][chain]
+  for (auto& r : a)
+    for (auto& h : r) h[0] = h[1] = _mm256_setzero_ps();
+  for (int32_t j = 0; j < d; j += 16) {
+    __m256 k0[2], k1[2];
+    load16x2<T>::at(r0 + j, k0[0], k0[1]);
+    load16x2<T>::at(r1 + j, k1[0], k1[1]);
+    for (int x = 0; x < 2; ++x)
+      for (int h = 0; h < 2; ++h) {
+        const __m256 qh = avx2::pinned(_mm256_loadu_ps(q + h * d + j + 8 * x));
+        a[0][h][x] = _mm256_fmadd_ps(qh, k0[x], a[0][h][x]);
+        a[1][h][x] = _mm256_fmadd_ps(qh, k1[x], a[1][h][x]);
+      }
+  }
+  const float tail = 0;  // dot_heads adds its (empty) scalar tail
+  for (int r = 0; r < 2; ++r)
+    for (int h = 0; h < 2; ++h) {
+      const float s = load16x2<T>::permuted ? avx2::hsum(a[r][h][0]) + avx2::hsum(a[r][h][1])
+                                            : avx2::hsum(_mm256_add_ps(a[r][h][0], a[r][h][1]));
+      res[r * 2 + h] = s + tail;
+    }
+}
+
+// One row against every head of the group.
+template <dtype T>
+VATTN_AVX2 inline void logits_row(const float* q, int32_t G, int32_t d,
+                                  const typename storage<T>::type* r, float* out, int64_t ld) {
+  float res[4];
+  int32_t g = 0;
+  for (; g + 4 <= G; g += 4) {
+    dot_heads<T, 4>(q + int64_t(g) * d, d, r, res);
+    for (int h = 0; h < 4; ++h) out[(g + h) * ld] = res[h];
+  }
+  switch (G - g) {
+    case 3:
+      dot_heads<T, 3>(q + int64_t(g) * d, d, r, res);
+      break;
+    case 2:
+      dot_heads<T, 2>(q + int64_t(g) * d, d, r, res);
+      break;
+    case 1:
+      dot_heads<T, 1>(q + int64_t(g) * d, d, r, res);
+      break;
+    default:
+      break;
+  }
+  for (int h = 0; g + h < G; ++h) out[(g + h) * ld] = res[h];
+}
+
+// Rows two at a time for pairs of heads with d % 16 == 0 and G d <= k_qmax (q copied into
+// load16x2's order when it permutes). Returns how many rows it did (an even number). D as in
+// wsum_slice.
+constexpr int32_t k_qmax = 2048;  // floats of the permuted q copy
+
+template <dtype T, int32_t D>
+VATTN_AVX2 int64_t logits_pairs(const float* q, int32_t G, int32_t d,
+                                const typename storage<T>::type* base, const int64_t* off,
+                                int64_t cnt, float* out, int64_t ld) {
+  if constexpr (D > 0) d = D;
+  alignas(32) float qp[k_qmax];
+  const float* qs = q;
+  if constexpr (load16x2<T>::permuted) {
+    std::copy(q, q + int64_t(G) * d, qp);
+    for (int32_t g = 0; g < G; ++g) perm16(qp + int64_t(g) * d, d, false);
+    qs = qp;
+  }
+  float res[8];
+  int64_t i = 0;
+  for (; i + 2 <= cnt; i += 2) {
+    prefetch_ahead<k_near>(base, off, i, cnt, d);
+    prefetch_ahead<k_near>(base, off, i + 1, cnt, d);
+    const auto *r0 = base + off[i], *r1 = base + off[i + 1];
+    for (int32_t g = 0; g < G; g += 2) {
+      dot_rows2_heads2_16<T>(qs + int64_t(g) * d, d, r0, r1, res);
+      float* o = out + int64_t(g) * ld + i;
+      for (int x = 0; x < 2; ++x) o[x * ld] = res[x], o[x * ld + 1] = res[2 + x];
+    }
+  }
+  return i;
+}
+
+// Pairs of rows where logits_pairs applies; other shapes, and an odd last row, one at a time.
 template <dtype T>
 VATTN_AVX2 void logits_avx2(const float* q, int32_t G, int32_t d,
                             const typename storage<T>::type* base, const int64_t* off, int64_t cnt,
                             float* out, int64_t ld) {
-  float res[4];
-  for (int64_t i = 0; i < cnt; ++i) {
-    if (i + k_prefetch < cnt) prefetch_row(base + off[i + k_prefetch], d);
-    const auto* r = base + off[i];
-    int32_t g = 0;
-    for (; g + 4 <= G; g += 4) {
-      dot_heads<T, 4>(q + int64_t(g) * d, d, r, res);
-      for (int h = 0; h < 4; ++h) out[(g + h) * ld + i] = res[h];
-    }
-    switch (G - g) {
-      case 3:
-        dot_heads<T, 3>(q + int64_t(g) * d, d, r, res);
-        break;
-      case 2:
-        dot_heads<T, 2>(q + int64_t(g) * d, d, r, res);
-        break;
-      case 1:
-        dot_heads<T, 1>(q + int64_t(g) * d, d, r, res);
-        break;
-      default:
-        break;
-    }
-    for (int h = 0; g + h < G; ++h) out[(g + h) * ld + i] = res[h];
+  int64_t i = 0;
+  if (G % 2 == 0 && d % 16 == 0 && int64_t(G) * d <= k_qmax && cnt >= 2)
+    i = d == 128 ? logits_pairs<T, 128>(q, G, d, base, off, cnt, out, ld)
+                 : logits_pairs<T, 0>(q, G, d, base, off, cnt, out, ld);
+  for (; i < cnt; ++i) {
+    prefetch_ahead<k_near>(base, off, i, cnt, d);
+    logits_row<T>(q, G, d, base + off[i], out + i, ld);
   }
 }
 
+// The rows of a sparse list to prefetch while a block is read (prefetch_ahead for each of its
+// rows, issued during the block's first slice): the whole list, and where the block starts in it.
+constexpr int64_t k_wsum_block = 8;  // rows per block of the weighted sums
+
+template <typename E>
+struct list_ahead {
+  const E* base;
+  const int64_t* off;
+  int64_t at, cnt;
+};
+
 // H heads (1..4) over a block of rows for one 16-float slice of d: the accumulators stay in
-// registers while the block's rows (in L1 after the first slice) stream past.
-template <dtype T, int H>
+// registers while the block's rows (in L1 after the first slice) stream past. With PERM, the
+// rows load in load16x2's order and acc holds the slice in that order. D > 0: d == D, known to
+// the compiler (loops unrolled).
+template <dtype T, int H, bool PERM, int32_t D>
 VATTN_AVX2 inline void wsum_slice(const float* w, int64_t ldw, int32_t d, int32_t j,
                                   const typename storage<T>::type* base, const int64_t* off,
                                   int64_t cnt, float* acc,
-                                  const typename storage<T>::type* const* pf) {
+                                  const list_ahead<typename storage<T>::type>* pf) {
   using L = avx2::load8<T>;
+  if constexpr (D > 0) d = D;
   __m256 a[H][2];
   for (int h = 0; h < H; ++h) {
     a[h][0] = _mm256_loadu_ps(acc + h * d + j);
     a[h][1] = _mm256_loadu_ps(acc + h * d + j + 8);
   }
   for (int64_t i = 0; i < cnt; ++i) {
-    if (pf) prefetch_row(pf[i], d);
+    if (pf) prefetch_ahead<k_wsum_block>(pf->base, pf->off, pf->at + i, pf->cnt, d);
     const auto* r = base + off[i] + j;
-    const __m256 v0 = L::at(r), v1 = L::at(r + 8);
+    __m256 v0, v1;
+    if constexpr (PERM) {
+      load16x2<T>::at(r, v0, v1);
+    } else {
+      v0 = L::at(r), v1 = L::at(r + 8);
+    }
     for (int h = 0; h < H; ++h) {
       const __m256 e = _mm256_broadcast_ss(w + h * ldw + i);
       a[h][0] = _mm256_fmadd_ps(e, v0, a[h][0]);
@@ -210,14 +371,18 @@ VATTN_AVX2 inline void wsum_slice(const float* w, int64_t ldw, int32_t d, int32_
   }
 }
 
-template <dtype T, int H>
+template <dtype T, int H, bool PERM = false, int32_t D = 0>
 VATTN_AVX2 void wsum_heads(const float* w, int64_t ldw, int32_t d,
                            const typename storage<T>::type* base, const int64_t* off, int64_t cnt,
-                           float* acc, const typename storage<T>::type* const* pf) {
+                           float* acc, const list_ahead<typename storage<T>::type>* pf) {
   using L = avx2::load8<T>;
+  if constexpr (D > 0) d = D;
   const int32_t d16 = d / 16 * 16;
   for (int32_t j = 0; j < d16; j += 16)
-    wsum_slice<T, H>(w, ldw, d, j, base, off, cnt, acc, j == 0 ? pf : nullptr);
+    wsum_slice<T, H, PERM, D>(w, ldw, d, j, base, off, cnt, acc, j == 0 ? pf : nullptr);
+  if (d16 == 0 && pf)  // no slice issued the prefetches
+    for (int64_t i = 0; i < cnt; ++i)
+      prefetch_ahead<k_wsum_block>(pf->base, pf->off, pf->at + i, pf->cnt, d);
   for (int64_t i = 0; i < cnt; ++i) {
     const auto* r = base + off[i];
     int32_t j = d16;
@@ -236,35 +401,157 @@ VATTN_AVX2 void wsum_heads(const float* w, int64_t ldw, int32_t d,
   }
 }
 
+// Blocks of 8 rows (a block and the rows prefetched into L1 ahead of it fit the L1 sets one kv
+// head's rows share). For bf16 the accumulators' 16-float groups are kept in load16x2's order
+// during the call (each sum is still taken over the rows in list order).
+template <dtype T, int32_t D>
+VATTN_AVX2 void wsum_blocks(const float* w, int64_t ldw, int32_t G, int32_t d,
+                            const typename storage<T>::type* base, const int64_t* off, int64_t cnt,
+                            float* acc) {
+  constexpr int64_t block = k_wsum_block;
+  constexpr bool perm = load16x2<T>::permuted;
+  using E = typename storage<T>::type;
+  if constexpr (D > 0) d = D;
+  const int32_t d16 = d / 16 * 16;
+  if constexpr (perm)
+    for (int32_t g = 0; g < G; ++g) perm16(acc + int64_t(g) * d, d16, false);
+  for (int64_t i0 = 0; i0 < cnt; i0 += block) {
+    const int64_t n = std::min(block, cnt - i0);
+    const list_ahead<E> ahead{base, off, i0, cnt};
+    for (int32_t g = 0; g < G; g += 4) {
+      const float* wg = w + g * ldw + i0;
+      float* ag = acc + int64_t(g) * d;
+      const list_ahead<E>* p = g == 0 ? &ahead : nullptr;
+      switch (std::min(4, G - g)) {
+        case 4:
+          wsum_heads<T, 4, perm, D>(wg, ldw, d, base, off + i0, n, ag, p);
+          break;
+        case 3:
+          wsum_heads<T, 3, perm, D>(wg, ldw, d, base, off + i0, n, ag, p);
+          break;
+        case 2:
+          wsum_heads<T, 2, perm, D>(wg, ldw, d, base, off + i0, n, ag, p);
+          break;
+        default:
+          wsum_heads<T, 1, perm, D>(wg, ldw, d, base, off + i0, n, ag, p);
+          break;
+      }
+    }
+  }
+  if constexpr (perm)
+    for (int32_t g = 0; g < G; ++g) perm16(acc + int64_t(g) * d, d16, true);
+}
+
+// head_dim 128 (most models) gets a copy with the row length known to the compiler.
 template <dtype T>
 VATTN_AVX2 void wsum_avx2(const float* w, int64_t ldw, int32_t G, int32_t d,
                           const typename storage<T>::type* base, const int64_t* off, int64_t cnt,
                           float* acc) {
-  constexpr int64_t block = 16;  // rows per block
+  if (d == 128) return wsum_blocks<T, 128>(w, ldw, G, d, base, off, cnt, acc);
+  wsum_blocks<T, 0>(w, ldw, G, d, base, off, cnt, acc);
+}
+
+// Four row elements at r as doubles.
+template <dtype T>
+VATTN_AVX2 inline __m256d load4d(const typename storage<T>::type* r) {
+  if constexpr (T == dtype::f32) {
+    return _mm256_cvtps_pd(_mm_loadu_ps(r));
+  } else {
+    const __m128i h = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(r));
+    if constexpr (T == dtype::f16) return _mm256_cvtps_pd(_mm_cvtph_ps(h));
+    return _mm256_cvtps_pd(_mm_castsi128_ps(_mm_slli_epi32(_mm_cvtepu16_epi32(h), 16)));
+  }
+}
+
+// H heads (1..4) over a block of rows for one 4-double slice of d: the twelve sums stay in
+// registers while the block's rows stream past; e holds the block's weights as doubles
+// ([H][k_wsum_block]). Each sum takes the rows in order with the operations of the row-by-row
+// loop (x = e v; s1 + x; fma(x, x, s2); fma(e, x, s3)), so the results are unchanged.
+template <dtype T, int H>
+VATTN_AVX2 inline void moments_slice(const double* e, int32_t d, int32_t j,
+                                     const typename storage<T>::type* base, const int64_t* off,
+                                     int64_t cnt, double* s1, double* s2, double* s3,
+                                     const list_ahead<typename storage<T>::type>* pf) {
+  __m256d a1[H], a2[H], a3[H];
+  for (int h = 0; h < H; ++h) {
+    a1[h] = _mm256_loadu_pd(s1 + h * d + j);
+    a2[h] = _mm256_loadu_pd(s2 + h * d + j);
+    a3[h] = _mm256_loadu_pd(s3 + h * d + j);
+  }
+  for (int64_t i = 0; i < cnt; ++i) {
+    if (pf) prefetch_ahead<k_wsum_block>(pf->base, pf->off, pf->at + i, pf->cnt, d);
+    const __m256d v = load4d<T>(base + off[i] + j);
+    for (int h = 0; h < H; ++h) {
+      const __m256d eh = _mm256_broadcast_sd(e + h * k_wsum_block + i);
+      const __m256d x = _mm256_mul_pd(eh, v);
+      a1[h] = _mm256_add_pd(a1[h], x);
+      a2[h] = _mm256_fmadd_pd(x, x, a2[h]);
+      a3[h] = _mm256_fmadd_pd(eh, x, a3[h]);
+    }
+  }
+  for (int h = 0; h < H; ++h) {
+    _mm256_storeu_pd(s1 + h * d + j, a1[h]);
+    _mm256_storeu_pd(s2 + h * d + j, a2[h]);
+    _mm256_storeu_pd(s3 + h * d + j, a3[h]);
+  }
+}
+
+template <dtype T, int H, int32_t D>
+VATTN_AVX2 void moments_heads(const double* e, int32_t d, const typename storage<T>::type* base,
+                              const int64_t* off, int64_t cnt, double* s1, double* s2, double* s3,
+                              const list_ahead<typename storage<T>::type>* pf) {
+  if constexpr (D > 0) d = D;
+  const int32_t d4 = d / 4 * 4;
+  for (int32_t j = 0; j < d4; j += 4)
+    moments_slice<T, H>(e, d, j, base, off, cnt, s1, s2, s3, j == 0 ? pf : nullptr);
+  if (d4 == 0 && pf)  // no slice issued the prefetches
+    for (int64_t i = 0; i < cnt; ++i)
+      prefetch_ahead<k_wsum_block>(pf->base, pf->off, pf->at + i, pf->cnt, d);
+  for (int64_t i = 0; i < cnt; ++i) {
+    const auto* r = base + off[i];
+    for (int32_t j = d4; j < d; ++j) {
+      const double v = storage<T>::load(r[j]);
+      for (int h = 0; h < H; ++h) {
+        const double eh = e[h * k_wsum_block + i], x = eh * v;
+        const int64_t o = int64_t(h) * d + j;
+        s1[o] += x;
+        s2[o] += x * x;
+        s3[o] += eh * x;
+      }
+    }
+  }
+}
+
+// Blocks of rows as wsum_blocks, up to four heads a pass.
+template <dtype T, int32_t D>
+VATTN_AVX2 void moments_blocks(const float* w, int64_t ldw, int32_t G, int32_t d,
+                               const typename storage<T>::type* base, const int64_t* off,
+                               int64_t cnt, double* s1, double* s2, double* s3) {
   using E = typename storage<T>::type;
-  const E* pf[block];  // the next block's rows, prefetched during the first slice of this one
+  constexpr int64_t block = k_wsum_block;
+  if constexpr (D > 0) d = D;
+  double e[4 * block];
   for (int64_t i0 = 0; i0 < cnt; i0 += block) {
     const int64_t n = std::min(block, cnt - i0);
-    for (int64_t i = 0; i < n; ++i) {
-      const int64_t ahead = std::min(i0 + block + i, cnt - 1);
-      pf[i] = base + off[ahead];
-    }
+    const list_ahead<E> ahead{base, off, i0, cnt};
     for (int32_t g = 0; g < G; g += 4) {
-      const float* wg = w + g * ldw + i0;
-      float* ag = acc + int64_t(g) * d;
-      const E* const* p = g == 0 ? pf : nullptr;
-      switch (std::min(4, G - g)) {
+      const int32_t H = std::min(4, G - g);
+      for (int32_t h = 0; h < H; ++h)
+        for (int64_t i = 0; i < n; ++i) e[h * block + i] = double(w[(g + h) * ldw + i0 + i]);
+      const int64_t o = int64_t(g) * d;
+      const list_ahead<E>* p = g == 0 ? &ahead : nullptr;
+      switch (H) {
         case 4:
-          wsum_heads<T, 4>(wg, ldw, d, base, off + i0, n, ag, p);
+          moments_heads<T, 4, D>(e, d, base, off + i0, n, s1 + o, s2 + o, s3 + o, p);
           break;
         case 3:
-          wsum_heads<T, 3>(wg, ldw, d, base, off + i0, n, ag, p);
+          moments_heads<T, 3, D>(e, d, base, off + i0, n, s1 + o, s2 + o, s3 + o, p);
           break;
         case 2:
-          wsum_heads<T, 2>(wg, ldw, d, base, off + i0, n, ag, p);
+          moments_heads<T, 2, D>(e, d, base, off + i0, n, s1 + o, s2 + o, s3 + o, p);
           break;
         default:
-          wsum_heads<T, 1>(wg, ldw, d, base, off + i0, n, ag, p);
+          moments_heads<T, 1, D>(e, d, base, off + i0, n, s1 + o, s2 + o, s3 + o, p);
           break;
       }
     }
@@ -275,38 +562,8 @@ template <dtype T>
 VATTN_AVX2 void moments_avx2(const float* w, int64_t ldw, int32_t G, int32_t d,
                              const typename storage<T>::type* base, const int64_t* off, int64_t cnt,
                              double* s1, double* s2, double* s3) {
-  using L = avx2::load8<T>;
-  const int32_t d8 = d / 8 * 8;
-  for (int64_t i = 0; i < cnt; ++i) {
-    if (i + k_prefetch < cnt) prefetch_row(base + off[i + k_prefetch], d);
-    const auto* r = base + off[i];
-    for (int32_t j = 0; j < d8; j += 8) {
-      const __m256 v = L::at(r + j);
-      const __m256d vl = _mm256_cvtps_pd(_mm256_castps256_ps128(v));
-      const __m256d vh = _mm256_cvtps_pd(_mm256_extractf128_ps(v, 1));
-      for (int32_t g = 0; g < G; ++g) {
-        const __m256d e = _mm256_set1_pd(double(w[g * ldw + i]));
-        const int64_t o = int64_t(g) * d + j;
-        const __m256d xl = _mm256_mul_pd(e, vl), xh = _mm256_mul_pd(e, vh);
-        _mm256_storeu_pd(s1 + o, _mm256_add_pd(_mm256_loadu_pd(s1 + o), xl));
-        _mm256_storeu_pd(s1 + o + 4, _mm256_add_pd(_mm256_loadu_pd(s1 + o + 4), xh));
-        _mm256_storeu_pd(s2 + o, _mm256_fmadd_pd(xl, xl, _mm256_loadu_pd(s2 + o)));
-        _mm256_storeu_pd(s2 + o + 4, _mm256_fmadd_pd(xh, xh, _mm256_loadu_pd(s2 + o + 4)));
-        _mm256_storeu_pd(s3 + o, _mm256_fmadd_pd(e, xl, _mm256_loadu_pd(s3 + o)));
-        _mm256_storeu_pd(s3 + o + 4, _mm256_fmadd_pd(e, xh, _mm256_loadu_pd(s3 + o + 4)));
-      }
-    }
-    for (int32_t j = d8; j < d; ++j) {
-      const double v = storage<T>::load(r[j]);
-      for (int32_t g = 0; g < G; ++g) {
-        const double e = w[g * ldw + i], x = e * v;
-        const int64_t o = int64_t(g) * d + j;
-        s1[o] += x;
-        s2[o] += x * x;
-        s3[o] += e * x;
-      }
-    }
-  }
+  if (d == 128) return moments_blocks<T, 128>(w, ldw, G, d, base, off, cnt, s1, s2, s3);
+  moments_blocks<T, 0>(w, ldw, G, d, base, off, cnt, s1, s2, s3);
 }
 
 // Two rows against four heads: eight single-chain accumulators share every q load; the eight
