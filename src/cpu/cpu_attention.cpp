@@ -284,13 +284,12 @@ class unit_runner {
     if (cfg.select == selector::topk && oracle) select_topk(st);
     if (cfg.select == selector::topk && !oracle) pred_bytes = select_predicted(st);
     if (cfg.select == selector::topp) select_topp(st);
-    int64_t n_f = 0, n_s = 0;
+    int64_t n_f = 0;  // F, ascending: a compaction without a branch per position
     for (int64_t i = 0; i < n_; ++i) {
-      if (flags[i])
-        ws_.f[n_f++] = int32_t(i);
-      else
-        ++n_s;
+      ws_.f[n_f] = int32_t(i);
+      n_f += flags[i] != 0;
     }
+    const int64_t n_s = n_ - n_f;
     if (n_s < 2) return run_dense(1);
     listed_f_ = n_f;
     if (refine_rows_ > 0) refined_f_logits(n_f);
@@ -626,12 +625,13 @@ class unit_runner {
     }
     const int64_t index_bytes = predictor_read_bytes(ix, n_) / g_;
     auto mark = [this](int64_t t) { ws_.flags[t] = 1; };
+    auto mark_if = [this](int64_t t, bool on) { ws_.flags[t] |= uint8_t(on); };
     if (st.shortlist == 0) {
       for (int32_t x = 0; x < g_; ++x) {
         if (pages)
           top_pages(ws_.logits + x * n_max_, lo, hi, st.k, mark);
         else
-          top_signs(sc + x * n_max_, lo, hi, st.k, mark);
+          top_signs(sc + x * n_max_, lo, hi, st.k, mark_if);
       }
       return index_bytes;
     }
@@ -648,11 +648,15 @@ class unit_runner {
     int32_t* list = ws_.sample;  // the shortlist's tokens; the sample is drawn later
     int64_t len = 0;
     auto add = [list, &len](int64_t t) { list[len++] = int32_t(t); };
+    auto add_if = [list, &len](int64_t t, bool on) {  // len <= t - lo: inside the list
+      list[len] = int32_t(t);
+      len += on;
+    };
     if (pages) {
       top_pages(ws_.logits, lo, hi, st.shortlist, add);
       std::sort(list, list + len);  // gathers walk memory forward
     } else {
-      top_signs(sc, lo, hi, st.shortlist, add);  // ascending already
+      top_signs(sc, lo, hi, st.shortlist, add_if);  // ascending already
     }
     if (len <= st.k) {  // every head takes the whole shortlist: no logit needed
       for (int64_t i = 0; i < len; ++i) ws_.flags[list[i]] = 1;
@@ -704,24 +708,27 @@ class unit_runner {
     }
   }
 
-  // The k tokens of [lo, hi) sharing the most signature bits with the query (sc[t - lo]; ties:
-  // lower position first), by a histogram of the scores: no sort. take(t) in ascending t.
-  template <class Take>
-  void top_signs(const uint16_t* sc, int64_t lo, int64_t hi, int64_t k, Take take) {
+  // Tokens of [lo, hi) ranked by their sign score sc[t - lo] (desc, position asc): pick(t, chosen)
+  // for every t in order, chosen for the first k, so callers set flags or append without a
+  // branch. The histogram is counted in four interleaved copies: most tokens share a few scores,
+  // and adds to one counter would wait on each other.
+  template <class Pick>
+  void top_signs(const uint16_t* sc, int64_t lo, int64_t hi, int64_t k, Pick pick) {
     const int64_t cnt = hi - lo;
-    int64_t hist[257] = {};
-    for (int64_t i = 0; i < cnt; ++i) ++hist[sc[i]];
+    int64_t hist[4][257] = {};
+    int64_t i = 0;
+    for (; i + 4 <= cnt; i += 4)
+      ++hist[0][sc[i]], ++hist[1][sc[i + 1]], ++hist[2][sc[i + 2]], ++hist[3][sc[i + 3]];
+    for (; i < cnt; ++i) ++hist[0][sc[i]];
+    auto count = [&hist](int32_t b) { return hist[0][b] + hist[1][b] + hist[2][b] + hist[3][b]; };
     int32_t thr = c_.cfg.pred_bits;
     int64_t above = 0;  // tokens scoring more than thr
-    while (thr > 0 && above + hist[thr] < k) above += hist[thr--];
+    while (thr > 0 && above + count(thr) < k) above += count(thr--);
     int64_t at_thr = k - above;  // taken from the tokens scoring exactly thr, lowest first
-    for (int64_t i = 0; i < cnt; ++i) {
-      if (sc[i] > thr) {
-        take(lo + i);
-      } else if (sc[i] == thr && at_thr > 0) {
-        take(lo + i);
-        --at_thr;
-      }
+    for (i = 0; i < cnt; ++i) {
+      const bool tie = sc[i] == thr && at_thr > 0;
+      at_thr -= tie;
+      pick(lo + i, sc[i] > thr || tie);
     }
   }
 
