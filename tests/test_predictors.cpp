@@ -729,3 +729,34 @@ TEST(PredictorIndex, GroupScoringEqualsPerHead) {
     }
   }
 }
+
+// Match counts of every signature width over ranges of every length mod 8 (the vector kernels
+// take 8 tokens a step, the rest one at a time) equal the popcounts of the XOR, whichever kernel
+// the CPU level picks, and nothing past t1 is written.
+TEST(PredictorIndex, SignMatchesEveryWidthAndRange) {
+  const int32_t d = 24, n = 700;
+  key_cache c = make_keys(dtype::f32, kv_layout::contiguous, {n}, {31}, 1, d, false);
+  for (int32_t bits = 32; bits <= 256; bits += 32) {
+    predictor_index ix(pred_config(predictor::sign_bits, 8, bits),
+                       index_params(1, 1, d, n, dtype::f32));
+    ix.update(c.full());
+    const auto& x = ix.data();
+    std::vector<float> q(d);
+    for (int32_t j = 0; j < d; ++j) q[j] = hashed_uniform(bits, j);
+    std::vector<uint32_t> qs(x.words);
+    detail::query_signature(x, 0, q.data(), qs.data());
+    for (int64_t t0 : {0, 1, 5})
+      for (int64_t len = 0; len <= 41; ++len) {
+        const int64_t t1 = std::min<int64_t>(n, t0 + (len == 41 ? n : len));
+        std::vector<uint16_t> m(size_t(t1 - t0) + 1, 7777);
+        detail::sign_matches(x, 0, 0, qs.data(), t0, t1, m.data());
+        ASSERT_EQ(m[size_t(t1 - t0)], 7777) << "wrote past t1: bits " << bits << " len " << len;
+        for (int64_t t = t0; t < t1; ++t) {
+          int diff = 0;
+          for (int32_t i = 0; i < x.words; ++i)
+            diff += std::popcount(qs[i] ^ x.sig_row(0, 0, t)[i]);
+          ASSERT_EQ(m[size_t(t - t0)], bits - diff) << "bits " << bits << " token " << t;
+        }
+      }
+  }
+}

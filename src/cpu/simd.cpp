@@ -89,6 +89,16 @@ bool cpu_has_avx512bf16() {
 #endif
 }
 
+bool cpu_has_avx512vpopcntdq() {
+#if VATTN_X86
+  // CPUID leaf 7 subleaf 0, ECX bit 14.
+  unsigned a = 0, b = 0, c = 0, d = 0;
+  return cpu_has_avx512() && __get_cpuid_count(7, 0, &a, &b, &c, &d) && (c & (1u << 14)) != 0;
+#else
+  return false;
+#endif
+}
+
 simd_level detected_simd_level() {
 #if VATTN_X86
   __builtin_cpu_init();

@@ -14,9 +14,10 @@ enum class simd_level : int32_t { scalar = 0, avx2 = 1, avx512 = 2 };
 // The level's name; avx512 reads "avx512+bf16" on CPUs with AVX512_BF16 (reported, not used).
 const char* simd_level_str(simd_level l);
 simd_level detected_simd_level();
-bool cpu_has_f16c();        // what this CPU supports (AVX2 needs FMA and F16C too)
-bool cpu_has_avx512();      // F, BW, VL, DQ and the OS saves the ZMM and mask registers
-bool cpu_has_avx512bf16();  // cpu_has_avx512() and AVX512_BF16
+bool cpu_has_f16c();             // what this CPU supports (AVX2 needs FMA and F16C too)
+bool cpu_has_avx512();           // F, BW, VL, DQ and the OS saves the ZMM and mask registers
+bool cpu_has_avx512bf16();       // cpu_has_avx512() and AVX512_BF16
+bool cpu_has_avx512vpopcntdq();  // cpu_has_avx512() and AVX512_VPOPCNTDQ (vector popcounts)
 // The level in use: VATTN_SIMD if set (capped at what the CPU supports), else the detected one.
 // Read once per process.
 simd_level active_simd_level();
