@@ -53,14 +53,15 @@ constexpr int k_hist_ints = k_hist1 + k_hist2 + k_hist3;  // per (sequence, quer
 // Sign scores are 0 .. 256: the scoring kernel's per-warp histogram copies hold that many bins.
 // With signs, int k_hist1 of a group's first head's histograms is the scoring blocks' ticket.
 constexpr int k_sign_bins = 257;
-// Copies of a kv group's sign histograms per scoring block: one per warp while they fit 48 KiB.
-inline int sign_copies(int group) {
+// Copies of a kv group's sign histograms (one per score row: the group's heads, or one with
+// refine and gqa_shared) per scoring block: one per warp while they fit 48 KiB.
+inline int sign_copies(int rows) {
   int c = k_sign_threads / 32;
-  while (c > 1 && size_t(c) * group * k_sign_bins * 4 > 48 * 1024) c /= 2;
+  while (c > 1 && size_t(c) * rows * k_sign_bins * 4 > 48 * 1024) c /= 2;
   return c;
 }
-inline size_t sign_smem(int group) {
-  return size_t(sign_copies(group)) * group * k_sign_bins * 4;
+inline size_t sign_smem(int rows) {
+  return size_t(sign_copies(rows)) * rows * k_sign_bins * 4;
 }
 
 // Per (sequence, selection unit): what the selection decided. A unit is one query head, or one
@@ -445,6 +446,16 @@ __global__ void __launch_bounds__(k_prep_threads) prep_kernel(const run_kargs a,
   int32_t* hist = a.hist + (int64_t(s) * a.n_head_q + h) * k_hist_ints;
   // Sign scores use the first histogram alone (one digit level), and the ticket after it.
   for (int i = threadIdx.x; i < (signs ? k_hist1 + 1 : k_hist_ints); i += blockDim.x) hist[i] = 0;
+  // The flag pass's chunk tickets and look-back records of this head (and of unit h), and the
+  // status record (block (0, 0)): cleared here rather than by two memsets before the launch.
+  const int nc = a.n_chunks;
+  unsigned long long* eq = a.eq_scan + (int64_t(s) * a.n_head_q + h) * nc;
+  for (int i = threadIdx.x; i < nc; i += blockDim.x) eq[i] = 0;
+  if (h < a.n_units) {
+    unsigned long long* fs = a.f_scan + (int64_t(s) * a.n_units + h) * (nc + 1);
+    for (int i = threadIdx.x; i <= nc; i += blockDim.x) fs[i] = 0;
+  }
+  if (h == 0 && s == 0 && threadIdx.x == 0) *a.status = device_status{};
   if (!signs) return;
   const int R = a.c.pred_bits;
   for (int i = threadIdx.x; i < d; i += blockDim.x)
@@ -558,11 +569,12 @@ __device__ inline topk_range topk_of(const run_kargs& a, int32_t n) {
 // global one at the end. The last block of a (kv head, sequence) to merge (a ticket from the
 // counter after the group's first histogram, cleared by prep_kernel) finds each head's digit,
 // kk and ties from the finished histograms into sel (one warp per head, in parallel) for flag_pass.
+template <int W>  // signature words (pred_bits / 32), a compile-time count: no predicated loops
 __global__ void __launch_bounds__(k_sign_threads) sign_scores(const run_kargs a, int copies) {
-  extern __shared__ int shist[];  // [copies, group, k_sign_bins]
-  __shared__ uint32_t qw[64 * k_max_words];
+  extern __shared__ int shist[];  // [copies, rows, k_sign_bins]
+  __shared__ alignas(16) uint32_t qw[64 * W];
   __shared__ pass_shared sh;
-  const int kvh = blockIdx.y, s = blockIdx.z, G = a.group, W = a.words, tid = threadIdx.x;
+  const int kvh = blockIdx.y, s = blockIdx.z, G = a.group, tid = threadIdx.x;
   const int32_t n = a.seq_len[s];
   if (n < 1 || n > a.n_max || n > a.ix_n_max) return;
   const int64_t t0 = int64_t(blockIdx.x) * k_sign_tokens;
@@ -573,40 +585,49 @@ __global__ void __launch_bounds__(k_sign_threads) sign_scores(const run_kargs a,
   const bool do_hist = !st.dense && sk > 0 && sk < hi - lo;
   const int rows = a.max_rows ? 1 : G;  // score rows of the group (refine + gqa_shared: 1)
   const bool qw_shared = G <= 64;
-  const int hn = G * k_sign_bins;  // ints per histogram copy
-  for (int i = tid; i < G * k_max_words && qw_shared; i += blockDim.x)
-    qw[i] = a.qsig[(int64_t(s) * a.n_head_q + kvh * G) * k_max_words + i];
+  const int hn = rows * k_sign_bins;  // ints per histogram copy: one histogram per score row
+  const uint32_t* qg0 = a.qsig + (int64_t(s) * a.n_head_q + kvh * G) * k_max_words;
+  for (int i = tid; i < G * W && qw_shared; i += blockDim.x)
+    qw[i] = qg0[i / W * k_max_words + i % W];
   if (do_hist)
     for (int i = tid; i < copies * hn; i += blockDim.x) shist[i] = 0;
   __syncthreads();
-  const uint32_t* qsrc =
-      qw_shared ? qw : a.qsig + (int64_t(s) * a.n_head_q + kvh * G) * k_max_words;
   int* mine = shist + (tid / 32) % copies * hn;
+  // The query words of head g: packed W apart in shared memory, or k_max_words apart in qsig.
+  auto qword = [&](int g, int i) {
+    return qw_shared ? qw[g * W + i] : __ldg(qg0 + g * k_max_words + i);
+  };
   // All of the thread's signatures are loaded before any is scored (k_sign_iters loads in flight
   // per thread instead of one).
   constexpr int k_sign_iters = k_sign_tokens / k_sign_threads;
   static_assert(k_sign_tokens % k_sign_threads == 0, "a sign block's tokens: whole steps");
-  uint32_t kw[k_sign_iters][k_max_words];
+  uint32_t kw[k_sign_iters][W];
+  const uint32_t* sig = a.sig + (int64_t(s) * a.n_head_kv + kvh) * a.ix_n_max * W;
 #pragma unroll
   for (int it = 0; it < k_sign_iters; ++it) {
     const int64_t t = t0 + int64_t(it) * k_sign_threads + tid;
-    const uint32_t* ks =
-        a.sig + ((int64_t(s) * a.n_head_kv + kvh) * a.ix_n_max + (t < t1 ? t : t0)) * W;
-    if (W % 4 == 0) {
+    const uint32_t* ks = sig + (t < t1 ? t : t0) * W;
+    if constexpr (W % 4 == 0) {
 #pragma unroll
-      for (int i = 0; i < k_max_words / 4; ++i) {
-        if (4 * i < W) {
-          const uint4 v = __ldg(reinterpret_cast<const uint4*>(ks) + i);
-          kw[it][4 * i] = v.x, kw[it][4 * i + 1] = v.y, kw[it][4 * i + 2] = v.z,
-                     kw[it][4 * i + 3] = v.w;
-        }
+      for (int i = 0; i < W / 4; ++i) {
+        const uint4 v = __ldg(reinterpret_cast<const uint4*>(ks) + i);
+        kw[it][4 * i] = v.x, kw[it][4 * i + 1] = v.y, kw[it][4 * i + 2] = v.z,
+                   kw[it][4 * i + 3] = v.w;
+      }
+    } else if constexpr (W % 2 == 0) {
+#pragma unroll
+      for (int i = 0; i < W / 2; ++i) {
+        const uint2 v = __ldg(reinterpret_cast<const uint2*>(ks) + i);
+        kw[it][2 * i] = v.x, kw[it][2 * i + 1] = v.y;
       }
     } else {
 #pragma unroll
-      for (int i = 0; i < k_max_words; ++i)
-        if (i < W) kw[it][i] = __ldg(ks + i);
+      for (int i = 0; i < W; ++i) kw[it][i] = __ldg(ks + i);
     }
   }
+  uint16_t* srow =
+      reinterpret_cast<uint16_t*>(a.scores) + (int64_t(s) * a.n_head_q + kvh * G) * pad8(a.n_max);
+  const int bits = a.c.pred_bits;
 #pragma unroll
   for (int it = 0; it < k_sign_iters; ++it) {
     const int64_t t = t0 + int64_t(it) * k_sign_threads + tid;
@@ -617,24 +638,20 @@ __global__ void __launch_bounds__(k_sign_threads) sign_scores(const run_kargs a,
       for (int g = 0; g < G; ++g) {
         int cg = 0;
 #pragma unroll
-        for (int i = 0; i < k_max_words; ++i)
-          if (i < W) cg += __popc(qsrc[g * k_max_words + i] ^ kw[it][i]);
+        for (int i = 0; i < W; ++i) cg += __popc(qword(g, i) ^ kw[it][i]);
         c = min(c, cg);
       }
-      const uint32_t score = uint32_t(a.c.pred_bits - c);
-      reinterpret_cast<uint16_t*>(
-          a.scores)[(int64_t(s) * a.n_head_q + kvh * G) * pad8(a.n_max) + t] = uint16_t(score);
+      const uint32_t score = uint32_t(bits - c);
+      srow[t] = uint16_t(score);
       if (cand) atomicAdd(mine + score, 1);
       continue;
     }
     for (int g = 0; g < G; ++g) {
       int c = 0;
 #pragma unroll
-      for (int i = 0; i < k_max_words; ++i)
-        if (i < W) c += __popc(qsrc[g * k_max_words + i] ^ kw[it][i]);
-      const uint32_t score = uint32_t(a.c.pred_bits - c);
-      reinterpret_cast<uint16_t*>(
-          a.scores)[(int64_t(s) * a.n_head_q + kvh * G + g) * pad8(a.n_max) + t] = uint16_t(score);
+      for (int i = 0; i < W; ++i) c += __popc(qword(g, i) ^ kw[it][i]);
+      const uint32_t score = uint32_t(bits - c);
+      srow[int64_t(g) * pad8(a.n_max) + t] = uint16_t(score);
       if (cand) atomicAdd(mine + g * k_sign_bins + score, 1);
     }
   }
@@ -687,6 +704,29 @@ __global__ void __launch_bounds__(k_sign_threads) sign_scores(const run_kargs a,
       }
       a.sel[int64_t(s) * a.n_head_q + kvh * G + g] = p;
     }
+  }
+}
+
+// sign_scores for a signature of `words` 32-bit words (pred_bits / 32: 1 .. 8).
+template <typename F>
+void with_sign_words(int words, F&& f) {
+  switch (words) {
+    case 1:
+      return f(sign_scores<1>);
+    case 2:
+      return f(sign_scores<2>);
+    case 3:
+      return f(sign_scores<3>);
+    case 4:
+      return f(sign_scores<4>);
+    case 5:
+      return f(sign_scores<5>);
+    case 6:
+      return f(sign_scores<6>);
+    case 7:
+      return f(sign_scores<7>);
+    default:
+      return f(sign_scores<8>);
   }
 }
 
@@ -1673,7 +1713,9 @@ void prepare_run(const config& cfg, dtype t, int32_t head_dim, int32_t group) {
       prepare_score_d<dtype::f32>(head_dim, group);
       break;
   }
-  allow_smem(sign_scores, sign_smem(group), "the sign scoring kernel");
+  for (int w = 1; w <= k_max_words; ++w)
+    with_sign_words(
+        w, [&](auto kernel) { allow_smem(kernel, sign_smem(group), "the sign scoring kernel"); });
   allow_smem(refine_select, refine_smem(k_refine_smem), "the refine select kernel");
   allow_smem(refine_finish, finish_smem(k_finish_round), "the refine finish kernel");
 }
@@ -1883,25 +1925,32 @@ void plan::run(const run_args& a, void* workspace, size_t workspace_size, stream
   k.units = reinterpret_cast<unit_rec*>(rb + l.units);
   k.heads = reinterpret_cast<head_rec*>(rb + l.heads);
 
-  check(cudaMemsetAsync(k.status, 0, sizeof(device_status), stream), "clearing the status record");
-  check(
-      cudaMemsetAsync(k.f_scan, 0,
-                      l.eq_scan - l.f_scan + size_t(n_seq) * p_.n_head_q * k.n_chunks * 8, stream),
-      "clearing the flag pass's tickets and look-back records");
+  const bool topk = cfg_.select == selector::topk;
+  if (!topk) {  // with top-k, prep_kernel clears these (the first kernel of the run)
+    check(cudaMemsetAsync(k.status, 0, sizeof(device_status), stream),
+          "clearing the status record");
+    check(cudaMemsetAsync(k.f_scan, 0,
+                          l.eq_scan - l.f_scan + size_t(n_seq) * p_.n_head_q * k.n_chunks * 8,
+                          stream),
+          "clearing the flag pass's tickets and look-back records");
+  }
   auto stage = [&](const char* name) {
     if (a.stage_hook) a.stage_hook(name, a.stage_ctx);
   };
   const unsigned hq = unsigned(p_.n_head_q), hkv = unsigned(p_.n_head_kv), ns = unsigned(n_seq);
   const unsigned chunks = unsigned(k.n_chunks), nu = unsigned(k.n_units);
   const unsigned spans = unsigned((p_.n_tokens_max + k_hist_span - 1) / k_hist_span);
-  const bool topk = cfg_.select == selector::topk;
   if (topk) {
     prep_kernel<<<dim3(hq, ns), k_prep_threads, 0, stream>>>(k, signs ? 1 : 0);
     check(cudaGetLastError(), "preparation kernel launch");
     if (signs) {
       const unsigned blocks = unsigned((p_.n_tokens_max + k_sign_tokens - 1) / k_sign_tokens);
-      sign_scores<<<dim3(blocks, hkv, ns), k_sign_threads, sign_smem(k.group), stream>>>(
-          k, sign_copies(k.group));
+      const int rows = k.max_rows ? 1 : k.group;  // score rows per kv group
+      const size_t smem = sign_smem(rows);
+      const int copies = sign_copies(rows);
+      with_sign_words(k.words, [&](auto kernel) {
+        kernel<<<dim3(blocks, hkv, ns), k_sign_threads, smem, stream>>>(k, copies);
+      });
       check(cudaGetLastError(), "sign scoring kernel launch");
     } else {
       launch_score(p_.kv_type, p_.head_dim, k, dim3(0, hkv, ns), 0, stream);

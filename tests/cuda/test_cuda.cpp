@@ -973,7 +973,7 @@ int64_t expect_same_selection(const batch& b, const gpu_run_result& r, double es
 }
 
 config e2e_config(const std::string& method, bool shared, predictor pred, budget_mode mode,
-                  double refine = 0) {
+                  double refine = 0, int32_t bits = 0) {
   config c = method_config(method);
   c.sink = {16, false};
   c.local = {32, false};
@@ -981,6 +981,7 @@ config e2e_config(const std::string& method, bool shared, predictor pred, budget
     c.topk = {0.05, true};
     c.pred = pred;
     c.refine = refine;
+    if (bits > 0) c.pred_bits = bits;
   }
   if (c.sample == sampling::fixed_rate) c.sample_rate = 0.1;
   if (c.sample == sampling::adaptive) c.base = {0.1, true}, c.mode = mode;
@@ -997,6 +998,7 @@ struct method_case {
   predictor pred;
   budget_mode mode;
   double refine = 0;
+  int32_t bits = 0;  // signature bits (0: the config's default)
 };
 struct data_case {
   std::vector<int32_t> lens;
@@ -1032,7 +1034,7 @@ void expect_cpu_parity(const std::vector<method_case>& methods, const std::vecto
     batch b0 = make_batch(dc.fam, dc.lens, dc.hq, dc.hkv, dc.d, dc.type, dc.layout, 5, 16);
     gpu_batch g(b0);
     for (const method_case& mc : methods) {
-      const config cfg = e2e_config(mc.method, mc.shared, mc.pred, mc.mode, mc.refine);
+      const config cfg = e2e_config(mc.method, mc.shared, mc.pred, mc.mode, mc.refine, mc.bits);
       SCOPED_TRACE(cfg.to_string() + " lens[0] " + std::to_string(dc.lens[0]) + " " +
                    dtype_name(dc.type));
       batch b = b0;
@@ -1091,9 +1093,10 @@ TEST(cuda_run, same_index_sets_as_cpu) {
 // refine with the sign predictor (config::refine): refine = 1 with gqa_shared (one select per kv
 // group over the heads' maximum score, no logits), refine = 2 with gqa_shared (a shortlist of 2k
 // per group, each head's k best exact logits among it) and refine = 2.5 per head, top-k alone and
-// vAttention; awkward lengths (around the 2048-position chunks, short sequences whose shortlist
-// is most of the middle, a dense fallback), paged f16 d = 64, f32 GQA 8:1 with uniform logits
-// (exact ties broken by position), 40K tokens. Identical F, samples, b and stats to the CPU.
+// vAttention; signatures of 32, 96, 128 and 256 bits besides the default; awkward lengths (around
+// the 2048-position chunks, short sequences whose shortlist is most of the middle, a dense
+// fallback), paged f16 d = 64, f32 GQA 8:1 with uniform logits (exact ties broken by position),
+// 40K tokens. Identical F, samples, b and stats to the CPU.
 TEST(cuda_run, refine_same_index_sets_as_cpu) {
   REQUIRE_GPU();
   const std::vector<method_case> methods = {
@@ -1105,6 +1108,11 @@ TEST(cuda_run, refine_same_index_sets_as_cpu) {
       {"vattention", false, predictor::sign_bits, budget_mode::denominator, 2.5},
       {"topk", false, predictor::sign_bits, budget_mode::denominator, 1},
       {"vattention", true, predictor::sign_bits, budget_mode::denominator, 40},
+      // every signature width the scoring kernel is built for: odd, 128 (the benchmarks'), 256
+      {"topk", true, predictor::sign_bits, budget_mode::denominator, 1, 128},
+      {"vattention", false, predictor::sign_bits, budget_mode::denominator, 0, 96},
+      {"topk", false, predictor::sign_bits, budget_mode::denominator, 0, 256},
+      {"vattention", true, predictor::sign_bits, budget_mode::denominator, 0, 32},
   };
   const std::vector<data_case> datas =
       parity_datas({6143, 97, 2049, 1, 50}, {5000, 300, 7, 1201}, {2000, 2501});
