@@ -393,6 +393,25 @@ TEST(Layouts, PagedEqualsContiguous) {
   for (size_t i = 0; i < c.seq_len.size() * 4 * 64; ++i) ASSERT_EQ(c.out[i], p.out[i]);
 }
 
+// The outputs and indices of cfg over batches from make() with 1, 2 and 8 threads are identical.
+template <class Make>
+void expect_same_for_thread_counts(const config& cfg, Make make, const char* what) {
+  std::vector<std::vector<float>> outs;
+  std::vector<std::vector<int32_t>> idx;
+  for (int32_t t : {1, 2, 8}) {
+    batch b = make();
+    run_args a = b.args(7);
+    const auto ix = index_for(cfg, b, a);
+    run_cpu(cfg, b, a, t);
+    outs.push_back(b.out);
+    idx.push_back(b.indices);
+  }
+  EXPECT_EQ(outs[0], outs[1]) << what;
+  EXPECT_EQ(outs[0], outs[2]) << what;
+  EXPECT_EQ(idx[0], idx[1]) << what;
+  EXPECT_EQ(idx[0], idx[2]) << what;
+}
+
 // Results do not depend on the number of threads.
 TEST(Threads, IdenticalFor1_2_8) {
   for (const char* m : {"vattention", "random", "hub", "dense", "signs", "refine"}) {
@@ -402,21 +421,13 @@ TEST(Threads, IdenticalFor1_2_8) {
                      ? parse_config("predictor=pages,refine=3", small_config("vattention"))
                      : small_config(m);
     cfg.gqa_shared = name == "random" || name == "refine";
-    std::vector<std::vector<float>> outs;
-    std::vector<std::vector<int32_t>> idx;
-    for (int32_t t : {1, 2, 8}) {
-      batch b = make_batch(synth::family::uniform, {1000, 500, 64, 2000}, 8, 4, 32, dtype::f32,
-                           kv_layout::contiguous, 3);
-      run_args a = b.args(7);
-      const auto ix = index_for(cfg, b, a);
-      run_cpu(cfg, b, a, t);
-      outs.push_back(b.out);
-      idx.push_back(b.indices);
-    }
-    EXPECT_EQ(outs[0], outs[1]) << m;
-    EXPECT_EQ(outs[0], outs[2]) << m;
-    EXPECT_EQ(idx[0], idx[1]) << m;
-    EXPECT_EQ(idx[0], idx[2]) << m;
+    expect_same_for_thread_counts(
+        cfg,
+        [] {
+          return make_batch(synth::family::uniform, {1000, 500, 64, 2000}, 8, 4, 32, dtype::f32,
+                            kv_layout::contiguous, 3);
+        },
+        m);
   }
 }
 
@@ -428,21 +439,13 @@ TEST(Threads, IdenticalFor1_2_8Bf16Groups4) {
     config cfg = name == "signs" ? parse_config("predictor=signs", small_config("vattention"))
                                  : small_config(m);
     cfg.gqa_shared = name != "vattention";
-    std::vector<std::vector<float>> outs;
-    std::vector<std::vector<int32_t>> idx;
-    for (int32_t t : {1, 2, 8}) {
-      batch b = make_batch(synth::family::uniform, {1500, 77, 3000}, 8, 2, 128, dtype::bf16,
-                           kv_layout::contiguous, 5);
-      run_args a = b.args(7);
-      const auto ix = index_for(cfg, b, a);
-      run_cpu(cfg, b, a, t);
-      outs.push_back(b.out);
-      idx.push_back(b.indices);
-    }
-    EXPECT_EQ(outs[0], outs[1]) << m;
-    EXPECT_EQ(outs[0], outs[2]) << m;
-    EXPECT_EQ(idx[0], idx[1]) << m;
-    EXPECT_EQ(idx[0], idx[2]) << m;
+    expect_same_for_thread_counts(
+        cfg,
+        [] {
+          return make_batch(synth::family::uniform, {1500, 77, 3000}, 8, 2, 128, dtype::bf16,
+                            kv_layout::contiguous, 5);
+        },
+        m);
   }
 }
 
