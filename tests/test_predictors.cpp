@@ -20,6 +20,7 @@
 #include "core/dtype.hpp"
 #include "core/sampler.hpp"
 #include "cpu/predictors.hpp"
+#include "cpu/simd.hpp"
 #include "test_util.hpp"
 #include "vattn/safetensors.hpp"
 #include "vattn/synth.hpp"
@@ -734,6 +735,9 @@ TEST(PredictorIndex, GroupScoringEqualsPerHead) {
 // take 8 tokens a step, the rest one at a time) equal the popcounts of the XOR, whichever kernel
 // the CPU level picks, and nothing past t1 is written.
 TEST(PredictorIndex, SignMatchesEveryWidthAndRange) {
+  std::printf("sign matches at level %s, vector popcounts %s\n",
+              detail::simd_level_str(detail::active_simd_level()),
+              detail::cpu_has_avx512vpopcntdq() ? "available" : "not available");
   const int32_t d = 24, n = 700;
   key_cache c = make_keys(dtype::f32, kv_layout::contiguous, {n}, {31}, 1, d, false);
   for (int32_t bits = 32; bits <= 256; bits += 32) {

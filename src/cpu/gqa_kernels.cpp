@@ -12,7 +12,6 @@ namespace vattn::detail {
 
 namespace {
 
-constexpr int64_t k_prefetch = 8;     // rows ahead (moments)
 constexpr int64_t k_dense_ahead = 4;  // dense: tokens ahead
 
 // ---- scalar ----------------------------------------------------------------------------------

@@ -392,7 +392,8 @@ VATTN_AVX512_CODE_BEGIN
 // signature with the query's, a popcount per 64-bit word, the words of a token summed by folding
 // pairs of vectors (even words + odd words), pred_bits minus the count narrowed to 16 bits. The
 // counts are exact integers: the scores equal matches_w's.
-#define VATTN_VPOPCNT __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vpopcntdq")))
+#define VATTN_VPOPCNT \
+  __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vpopcntdq,popcnt")))
 // The popcounts of the 8 words at `at` XOR q.
 VATTN_VPOPCNT inline __m512i count_words(const uint32_t* at, __m512i q) {
   return _mm512_popcnt_epi64(_mm512_xor_si512(_mm512_loadu_si512(at), q));

@@ -1108,7 +1108,9 @@ TEST(cuda_run, refine_same_index_sets_as_cpu) {
       {"vattention", false, predictor::sign_bits, budget_mode::denominator, 2.5},
       {"topk", false, predictor::sign_bits, budget_mode::denominator, 1},
       {"vattention", true, predictor::sign_bits, budget_mode::denominator, 40},
-      // every signature width the scoring kernel is built for: odd, 128 (the benchmarks'), 256
+      // signatures of 1, 3, 4 and 8 words besides the default 2: the scoring kernel's 4-, 8- and
+      // 16-byte loads (its instances for 5, 6 and 7 words use the same loads), 128 bits is the
+      // benchmarks', one score row per kv group at 128 bits
       {"topk", true, predictor::sign_bits, budget_mode::denominator, 1, 128},
       {"vattention", false, predictor::sign_bits, budget_mode::denominator, 0, 96},
       {"topk", false, predictor::sign_bits, budget_mode::denominator, 0, 256},
