@@ -624,14 +624,13 @@ class unit_runner {
       }
     }
     const int64_t index_bytes = predictor_read_bytes(ix, n_) / g_;
-    auto mark = [this](int64_t t) { ws_.flags[t] = 1; };
-    auto mark_if = [this](int64_t t, bool on) { ws_.flags[t] |= uint8_t(on); };
+    auto mark = [this](int64_t t, bool on) { ws_.flags[t] |= uint8_t(on); };
     if (st.shortlist == 0) {
       for (int32_t x = 0; x < g_; ++x) {
         if (pages)
           top_pages(ws_.logits + x * n_max_, lo, hi, st.k, mark);
         else
-          top_signs(sc + x * n_max_, lo, hi, st.k, mark_if);
+          top_signs(sc + x * n_max_, lo, hi, st.k, mark);
       }
       return index_bytes;
     }
@@ -647,8 +646,7 @@ class unit_runner {
     }
     int32_t* list = ws_.sample;  // the shortlist's tokens; the sample is drawn later
     int64_t len = 0;
-    auto add = [list, &len](int64_t t) { list[len++] = int32_t(t); };
-    auto add_if = [list, &len](int64_t t, bool on) {  // len <= t - lo: inside the list
+    auto add = [list, &len](int64_t t, bool on) {  // len < hi - lo: inside the list
       list[len] = int32_t(t);
       len += on;
     };
@@ -656,7 +654,7 @@ class unit_runner {
       top_pages(ws_.logits, lo, hi, st.shortlist, add);
       std::sort(list, list + len);  // gathers walk memory forward
     } else {
-      top_signs(sc, lo, hi, st.shortlist, add_if);  // ascending already
+      top_signs(sc, lo, hi, st.shortlist, add);  // ascending already
     }
     if (len <= st.k) {  // every head takes the whole shortlist: no logit needed
       for (int64_t i = 0; i < len; ++i) ws_.flags[list[i]] = 1;
@@ -688,8 +686,8 @@ class unit_runner {
   }
 
   // Pages intersecting [lo, hi) ranked by their bound sc[page - p0] (desc, page asc); the best
-  // pages are taken whole (their tokens inside [lo, hi), passed to take(t)) until they hold at
-  // least k tokens.
+  // pages are taken whole (their tokens inside [lo, hi), passed to take(t, true)) until they
+  // hold at least k tokens.
   template <class Take>
   void top_pages(const float* sc, int64_t lo, int64_t hi, int64_t k, Take take) {
     const int64_t P = c_.cfg.pred_page, p0 = lo / P, p1 = (hi + P - 1) / P, np = p1 - p0;
@@ -703,7 +701,7 @@ class unit_runner {
     for (int64_t i = 0; i < pick && got < k; ++i) {
       const int64_t page = p0 + ws_.cand[i];
       const int64_t a = std::max(lo, page * P), z = std::min(hi, (page + 1) * P);
-      for (int64_t t = a; t < z; ++t) take(t);
+      for (int64_t t = a; t < z; ++t) take(t, true);
       got += z - a;
     }
   }

@@ -115,13 +115,13 @@ bool shift_exp_sum_scalar(float* x, int64_t n, float* m, double* sum) {
 // ---- AVX2 ------------------------------------------------------------------------------------
 #if VATTN_X86
 
-// Always inlined: a call to a function that only prefetches is dead code to GCC (it finds the
-// function pure and drops the call).
-template <typename E>
+// Every line of a row, into L1 (T0) or L2 (T2). Always inlined: a call to a function that only
+// prefetches is dead code to GCC (it finds the function pure and drops the call).
+template <int Hint = _MM_HINT_T0, typename E>
 [[gnu::always_inline]] VATTN_AVX2 inline void prefetch_row(const E* r, int32_t d) {
   const char* p = reinterpret_cast<const char*>(r);
   const int64_t bytes = int64_t(d) * int64_t(sizeof(E));
-  for (int64_t b = 0; b < bytes; b += 64) _mm_prefetch(p + b, _MM_HINT_T0);
+  for (int64_t b = 0; b < bytes; b += 64) _mm_prefetch(p + b, static_cast<_mm_hint>(Hint));
 }
 
 // H heads (1..4) against one row: two FMA chains per head.
@@ -160,18 +160,11 @@ VATTN_AVX2 inline void dot_heads(const float* q, int32_t d, const typename stora
 // a near one alone leaves too few lines in flight.
 constexpr int64_t k_far = 16, k_near = 4;
 
-template <typename E>
-[[gnu::always_inline]] VATTN_AVX2 inline void prefetch_row_l2(const E* r, int32_t d) {
-  const char* p = reinterpret_cast<const char*>(r);
-  const int64_t bytes = int64_t(d) * int64_t(sizeof(E));
-  for (int64_t b = 0; b < bytes; b += 64) _mm_prefetch(p + b, _MM_HINT_T2);
-}
-
 // Row i of a list is needed soon: ask for rows i + k_far (into L2) and i + near (into L1).
 template <int64_t near, typename E>
 [[gnu::always_inline]] VATTN_AVX2 inline void prefetch_ahead(const E* base, const int64_t* off,
                                                              int64_t i, int64_t cnt, int32_t d) {
-  if (i + k_far < cnt) prefetch_row_l2(base + off[i + k_far], d);
+  if (i + k_far < cnt) prefetch_row<_MM_HINT_T2>(base + off[i + k_far], d);
   if (i + near < cnt) prefetch_row(base + off[i + near], d);
 }
 

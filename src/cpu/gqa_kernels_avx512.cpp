@@ -15,13 +15,13 @@ namespace vattn::detail::avx512 {
 
 namespace {
 
-// Always inlined: a call to a function that only prefetches is dead code to GCC (it finds the
-// function pure and drops the call).
-template <typename E>
+// Every line of a row, into L1 (T0) or L2 (T2). Always inlined: a call to a function that only
+// prefetches is dead code to GCC (it finds the function pure and drops the call).
+template <int Hint = _MM_HINT_T0, typename E>
 [[gnu::always_inline]] VATTN_AVX512 inline void prefetch_row(const E* r, int32_t d) {
   const char* p = reinterpret_cast<const char*>(r);
   const int64_t bytes = int64_t(d) * int64_t(sizeof(E));
-  for (int64_t b = 0; b < bytes; b += 64) _mm_prefetch(p + b, _MM_HINT_T0);
+  for (int64_t b = 0; b < bytes; b += 64) _mm_prefetch(p + b, static_cast<_mm_hint>(Hint));
 }
 
 // Sparse lists, as the AVX2 kernels (gqa_kernels.cpp): each row is asked for into L2 k_far rows
@@ -31,11 +31,7 @@ constexpr int64_t k_far = 16, k_near = 4, k_wsum_block = 8;
 template <int64_t near, typename E>
 [[gnu::always_inline]] VATTN_AVX512 inline void prefetch_ahead(const E* base, const int64_t* off,
                                                                int64_t i, int64_t cnt, int32_t d) {
-  if (i + k_far < cnt) {
-    const char* p = reinterpret_cast<const char*>(base + off[i + k_far]);
-    const int64_t bytes = int64_t(d) * int64_t(sizeof(E));
-    for (int64_t b = 0; b < bytes; b += 64) _mm_prefetch(p + b, _MM_HINT_T2);
-  }
+  if (i + k_far < cnt) prefetch_row<_MM_HINT_T2>(base + off[i + k_far], d);
   if (i + near < cnt) prefetch_row(base + off[i + near], d);
 }
 
