@@ -121,7 +121,12 @@ template <int Hint = _MM_HINT_T0, typename E>
 [[gnu::always_inline]] VATTN_AVX2 inline void prefetch_row(const E* r, int32_t d) {
   const char* p = reinterpret_cast<const char*>(r);
   const int64_t bytes = int64_t(d) * int64_t(sizeof(E));
-  for (int64_t b = 0; b < bytes; b += 64) _mm_prefetch(p + b, static_cast<_mm_hint>(Hint));
+  for (int64_t b = 0; b < bytes; b += 64) {
+    if constexpr (Hint == _MM_HINT_T2)
+      _mm_prefetch(p + b, _MM_HINT_T2);
+    else
+      _mm_prefetch(p + b, _MM_HINT_T0);
+  }
 }
 
 // H heads (1..4) against one row: two FMA chains per head.

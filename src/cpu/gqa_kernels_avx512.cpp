@@ -21,7 +21,12 @@ template <int Hint = _MM_HINT_T0, typename E>
 [[gnu::always_inline]] VATTN_AVX512 inline void prefetch_row(const E* r, int32_t d) {
   const char* p = reinterpret_cast<const char*>(r);
   const int64_t bytes = int64_t(d) * int64_t(sizeof(E));
-  for (int64_t b = 0; b < bytes; b += 64) _mm_prefetch(p + b, static_cast<_mm_hint>(Hint));
+  for (int64_t b = 0; b < bytes; b += 64) {
+    if constexpr (Hint == _MM_HINT_T2)
+      _mm_prefetch(p + b, _MM_HINT_T2);
+    else
+      _mm_prefetch(p + b, _MM_HINT_T0);
+  }
 }
 
 // Sparse lists, as the AVX2 kernels (gqa_kernels.cpp): each row is asked for into L2 k_far rows
