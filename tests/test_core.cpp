@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <cmath>
 #include <set>
+#include <string>
 #include <vector>
 
 #include "core/budget.hpp"
@@ -168,6 +169,41 @@ TEST(ResidualWalk, VisitsResidualOnce) {
     ASSERT_FALSE(in_f[t]);
     ASSERT_FALSE(seen[t]);
     seen[t] = 1;
+  }
+}
+
+// take() (blocks of positions walked at once, with or without round tables) gives exactly the
+// tokens of repeated next() calls, across calls of every size and up to the residual's end.
+TEST(ResidualWalk, TakeEqualsNext) {
+  const uint64_t sizes[] = {3, 17, 256, 300, 4096, 131072, 1 << 20, (1 << 20) + 1};
+  for (uint64_t n : sizes) {
+    SCOPED_TRACE("n=" + std::to_string(n));
+    std::vector<char> in_f(n, 0);
+    for (uint64_t t = 0; t < n; ++t) in_f[t] = (mix64(n + t) % 10) < 3;  // ~30% in F
+    in_f[0] = 1;
+    const int64_t n_s = int64_t(n) - std::count(in_f.begin(), in_f.end(), 1);
+    auto f = [&](uint64_t x) { return in_f[x] != 0; };
+    const uint64_t key = sample_key(5, 2, int64_t(n), 1, 9);
+    residual_walk ref(key, n);
+    std::vector<int32_t> want(static_cast<size_t>(n_s));
+    for (int64_t j = 0; j < n_s; ++j) want[size_t(j)] = int32_t(ref.next(f));
+    std::vector<uint16_t> table(keyed_permutation::k_table_entries);
+    for (bool tabled : {false, true}) {
+      residual_walk w(key, n);
+      const bool use = tabled && w.permutation().tabulable();
+      if (use) w.permutation().tabulate(table.data());
+      EXPECT_EQ(w.permutation().tabulable(), n <= (uint64_t(1) << 20));
+      std::vector<int32_t> got(size_t(n_s), -1);
+      int64_t at = 0;
+      for (int64_t step :
+           {int64_t(0), int64_t(1), int64_t(31), int64_t(32), int64_t(33), int64_t(1000)}) {
+        const int64_t c = std::min(step, n_s - at);
+        w.take(c, f, got.data() + at, use ? table.data() : nullptr);
+        at += c;
+      }
+      w.take(n_s - at, f, got.data() + at, use ? table.data() : nullptr);
+      EXPECT_EQ(got, want) << (use ? "with tables" : "without tables");
+    }
   }
 }
 

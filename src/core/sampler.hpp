@@ -39,6 +39,10 @@ VATTN_HD uint64_t sample_key(uint64_t seed, int32_t layer, int64_t seq, int32_t 
 class keyed_permutation {
  public:
   static constexpr int k_rounds = 8;
+  // Networks whose halves have at most this many bits (n <= 2^20) may be evaluated from tables
+  // of their round function: k_rounds x 2^half_bits() 16-bit entries (tabulate()).
+  static constexpr int k_table_bits = 10;
+  static constexpr int k_table_entries = k_rounds << k_table_bits;
 
   VATTN_HD keyed_permutation(uint64_t key, uint64_t n) : n_(n) {
     uint32_t bits = 0;
@@ -69,6 +73,13 @@ class keyed_permutation {
   // (r < 2^half_bits()) to round_fn(k, r) < 2^half_bits(), and step_with(x, f) is step(x) with
   // f(k, r) in place of round_fn(k, r).
   VATTN_HD uint32_t half_bits() const { return half_; }
+  VATTN_HD bool tabulable() const { return half_ <= uint32_t(k_table_bits); }
+  // Host: round k's function at table[(k << half_bits()) | r] (tabulable() networks only).
+  void tabulate(uint16_t* table) const {
+    for (int k = 0; k < k_rounds; ++k)
+      for (uint64_t r = 0; r <= mask_; ++r)
+        table[(uint64_t(k) << half_) | r] = uint16_t(round_fn(k, r));
+  }
   VATTN_HD uint64_t round_fn(int k, uint64_t r) const { return mix64(r ^ keys_[k]) & mask_; }
   template <typename Round>
   VATTN_HD uint64_t step_with(uint64_t x, const Round& f) const {
@@ -106,7 +117,61 @@ class residual_walk {
     }
   }
 
+  // Host: the next `count` tokens of R into out, exactly what `count` calls of next(in_f) give.
+  // k_block positions of the permutation are walked at once: each position's cycle walk is an
+  // independent chain, so a block's chains overlap in the core, and a position leaves the block's
+  // active list as soon as its walk lands in [0, n). `table` (tabulate(), or nullptr) replaces
+  // each round's 64-bit mix by a lookup. On one core of the dev VM at n = 128K: 106 ns per token
+  // with next(), 23 ns with take and a table.
+  template <typename InF>
+  void take(int64_t count, const InF& in_f, int32_t* out, const uint16_t* table) {
+    if (table) {
+      const uint32_t h = perm_.half_bits();
+      auto lookup = [table, h](int k, uint64_t r) {
+        return uint64_t(table[(uint64_t(k) << h) | r]);
+      };
+      take_with(count, in_f, out, [&](uint64_t x) { return perm_.step_with(x, lookup); });
+    } else {
+      take_with(count, in_f, out, [&](uint64_t x) { return perm_.step(x); });
+    }
+  }
+  const keyed_permutation& permutation() const { return perm_; }
+
  private:
+  static constexpr int k_block = 32;
+  template <typename InF, typename Step>
+  void take_with(int64_t count, const InF& in_f, int32_t* out, const Step& step) {
+    const uint64_t n = perm_.size();
+    int64_t got = 0;
+    while (got < count) {
+      // R holds at least `count` more tokens, so the block never starts at n
+      const int nb = int(n - pos_ < uint64_t(k_block) ? n - pos_ : uint64_t(k_block));
+      uint64_t x[k_block];
+      uint8_t active[k_block];
+      int na = nb;
+      for (int j = 0; j < nb; ++j) x[j] = pos_ + uint64_t(j), active[j] = uint8_t(j);
+      while (na > 0) {
+        for (int i = 0; i < na; ++i) x[active[i]] = step(x[active[i]]);
+        int still = 0;  // compaction without a branch per position
+        for (int i = 0; i < na; ++i) {
+          const int j = active[i];
+          active[still] = uint8_t(j);
+          still += x[j] >= n;
+        }
+        na = still;
+      }
+      for (int j = 0; j < nb; ++j) {
+        if (in_f(x[j])) continue;
+        out[got++] = int32_t(x[j]);
+        if (got == count) {
+          pos_ += uint64_t(j) + 1;
+          return;
+        }
+      }
+      pos_ += uint64_t(nb);
+    }
+  }
+
   keyed_permutation perm_;
   uint64_t pos_ = 0;
 };
