@@ -2,6 +2,7 @@
 // preallocated workspace per thread, float row kernels and double-precision budget statistics.
 #include <algorithm>
 #include <atomic>
+#include <bit>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
@@ -67,6 +68,7 @@ struct scratch {
   float* part;           // [chunks, group, d] f32 sums of k_flush-row chunks (V sums)
   double* mpart;         // [chunks, 3, group, d] base-sample moments per chunk
   uint16_t* walk_table;  // [keyed_permutation::k_table_entries] the sample walk's round tables
+  uint64_t* bits;        // [n_max / 64 + 1] a bit per token (ascending)
   run_profile* prof;     // this thread's share of run_args::profile
 };
 
@@ -81,7 +83,7 @@ struct head_acc {
 };
 
 struct layout_sizes {
-  size_t logits, flags, ints, offs, acc, facc, part, mpart, walk_table, total;
+  size_t logits, flags, ints, offs, acc, facc, part, mpart, walk_table, bits, total;
 };
 layout_sizes scratch_sizes(int64_t n_max, int32_t group, int32_t d) {
   layout_sizes s;
@@ -96,8 +98,9 @@ layout_sizes scratch_sizes(int64_t n_max, int32_t group, int32_t d) {
   s.part = align_up(sizeof(float) * chunks * size_t(d) * group);
   s.mpart = align_up(sizeof(double) * chunks * 3 * size_t(d) * group);
   s.walk_table = align_up(sizeof(uint16_t) * keyed_permutation::k_table_entries);
+  s.bits = align_up(sizeof(uint64_t) * size_t(rows / 64 + 1));
   s.total = 2 * s.logits + s.flags + 3 * s.ints + s.offs + s.acc + 2 * s.facc + s.part + s.mpart +
-            s.walk_table + align_up(sizeof(run_profile));
+            s.walk_table + s.bits + align_up(sizeof(run_profile));
   return s;
 }
 
@@ -121,6 +124,7 @@ scratch carve(uint8_t* base, const layout_sizes& s) {
   w.part = reinterpret_cast<float*>(take(s.part));
   w.mpart = reinterpret_cast<double*>(take(s.mpart));
   w.walk_table = reinterpret_cast<uint16_t*>(take(s.walk_table));
+  w.bits = reinterpret_cast<uint64_t*>(take(s.bits));
   w.prof = reinterpret_cast<run_profile*>(take(align_up(sizeof(run_profile))));
   return w;
 }
@@ -407,17 +411,22 @@ class unit_runner {
     return at < n_f ? ws_.f + at : ws_.cand + (at - n_f);
   }
 
-  // dst = src[0, cnt) in ascending order: a sort when short, else a pass over a bitmap of n.
+  // dst = src[0, cnt) (distinct tokens) in ascending order: a sort when very short, else a bit
+  // per token and a scan of the words (at 128K, 6K tokens: about 15 us instead of 150 for a sort).
   void ascending(const int32_t* src, int64_t cnt, int32_t* dst) {
-    if (cnt * 16 < n_) {
+    const int64_t words = (n_ + 63) / 64;
+    if (cnt * 8 < words) {
       std::copy(src, src + cnt, dst);
       std::sort(dst, dst + cnt);
       return;
     }
-    for (int64_t i = 0; i < cnt; ++i) ws_.flags[src[i]] |= 4;
+    uint64_t* bits = ws_.bits;
+    std::fill(bits, bits + words, uint64_t(0));
+    for (int64_t i = 0; i < cnt; ++i) bits[src[i] >> 6] |= uint64_t(1) << (src[i] & 63);
     int64_t k = 0;
-    for (int64_t t = 0; t < n_; ++t)
-      if (ws_.flags[t] & 4) dst[k++] = int32_t(t), ws_.flags[t] &= uint8_t(~4);
+    for (int64_t w = 0; w < words; ++w)
+      for (uint64_t m = bits[w]; m != 0; m &= m - 1)
+        dst[k++] = int32_t(w * 64 + std::countr_zero(m));
   }
 
   // With refine, F's top-k tokens all lie in the shortlist (ws_.sample, ascending), whose
