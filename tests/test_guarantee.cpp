@@ -101,7 +101,9 @@ TEST_P(Guarantee, FailureRateWithinDelta) {
     EXPECT_EQ(t.cases, k_cases);
     // A budget that collapsed to the whole residual would pass coverage while wasting the point
     // (the flat-value variant legitimately needs most of its residual in the value modes).
-    if (!fc.flat_values) EXPECT_LT(density, 0.95) << fc.name();
+    if (!fc.flat_values) {
+      EXPECT_LT(density, 0.95) << fc.name();
+    }
     if (asserted) {
       EXPECT_LE(double(fail_t), allowed)
           << fc.name() << ": " << fail_t << " failures in " << t.cases;
