@@ -193,16 +193,24 @@ TEST(ResidualWalk, TakeEqualsNext) {
       const bool use = tabled && w.permutation().tabulable();
       if (use) w.permutation().tabulate(table.data());
       EXPECT_EQ(w.permutation().tabulable(), n <= (uint64_t(1) << 20));
-      std::vector<int32_t> got(size_t(n_s), -1);
+      std::vector<int32_t> got(size_t(n_s) + 1, -1);  // one guard entry past the end
       int64_t at = 0;
       for (int64_t step :
            {int64_t(0), int64_t(1), int64_t(31), int64_t(32), int64_t(33), int64_t(1000)}) {
         const int64_t c = std::min(step, n_s - at);
+        std::fill(got.begin() + at, got.end(), -1);
         w.take(c, f, got.data() + at, use ? table.data() : nullptr);
+        ASSERT_EQ(got[size_t(at + c)], -1) << "take wrote past its count";
         at += c;
       }
       w.take(n_s - at, f, got.data() + at, use ? table.data() : nullptr);
+      EXPECT_EQ(got[size_t(n_s)], -1) << "take wrote past its count";
+      got.pop_back();
       EXPECT_EQ(got, want) << (use ? "with tables" : "without tables");
+      // the residual is exhausted: a further take returns without writing (or looping)
+      int32_t none = -1;
+      w.take(1, f, &none, use ? table.data() : nullptr);
+      EXPECT_EQ(none, -1);
     }
   }
 }

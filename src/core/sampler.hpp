@@ -144,7 +144,9 @@ class residual_walk {
     const uint64_t n = perm_.size();
     int64_t got = 0;
     while (got < count) {
-      // R holds at least `count` more tokens, so the block never starts at n
+      // Callers draw at most |R| tokens; past the permutation's end there is nothing to take
+      // (and no endless loop).
+      if (pos_ >= n) return;
       const int nb = int(n - pos_ < uint64_t(k_block) ? n - pos_ : uint64_t(k_block));
       uint64_t x[k_block];
       uint8_t active[k_block];
