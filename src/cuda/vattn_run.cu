@@ -1303,16 +1303,16 @@ __device__ __forceinline__ void walk_warp(const Step& step, int64_t q0, int q_le
 }
 
 // The round function of the network is tabulated per block where its halves have at most
-// k_walk_table_bits bits (n <= 2^20): 8 rounds x 2^half 16-bit entries (the same values as
-// keyed_permutation::round_fn, see step_with), so a step is 8 shared-memory lookups instead of 8
-// 64-bit mixes. The flags of the tokens are then read by position, all loads in flight at once.
-constexpr int k_walk_table_bits = 10;
+// keyed_permutation::k_table_bits bits (n <= 2^20): 8 rounds x 2^half 16-bit entries (the same
+// values as keyed_permutation::round_fn, see step_with), so a step is 8 shared-memory lookups
+// instead of 8 64-bit mixes. The flags of the tokens are then read by position, all loads in flight
+// at once.
 using wreduce_t = cub::BlockReduce<int, k_walk_threads>;
 __global__ void __launch_bounds__(k_walk_threads) walk_count(const run_kargs a, int stage) {
   using perm_t = vattn::detail::keyed_permutation;
   constexpr int per_warp = k_chunk / (k_walk_threads / 32);
   __shared__ int32_t res[k_chunk];  // the token at each position of the chunk
-  __shared__ uint16_t rt[perm_t::k_rounds << k_walk_table_bits];
+  __shared__ uint16_t rt[perm_t::k_table_entries];
   __shared__ typename wreduce_t::TempStorage red;
   walk_block w;
   if (!walk_setup(a, stage, w)) return;
@@ -1323,7 +1323,7 @@ __global__ void __launch_bounds__(k_walk_threads) walk_count(const run_kargs a, 
       vattn::detail::sample_key(a.c.seed, a.c.layer, seq_key, int32_t(blockIdx.y), a.step),
       uint64_t(n));
   const int hb = int(perm.half_bits());
-  const bool tab = hb <= k_walk_table_bits;
+  const bool tab = perm.tabulable();
   if (tab)
     for (int r = int(threadIdx.x); r < (1 << hb); r += k_walk_threads)
 #pragma unroll
