@@ -22,6 +22,7 @@
 
 #include "core/dtype.hpp"
 #include "cpu/gqa_kernels.hpp"
+#include "cpu/select_kernels.hpp"
 #include "cpu/simd.hpp"
 #include "vattn/vattn.hpp"
 
@@ -508,6 +509,55 @@ TEST_P(SimdLevel, ShiftExpSumMatchesDouble) {
         for (size_t i = 0; i < n; ++i)
           if (!(y[i] == before[i] || (std::isnan(y[i]) && std::isnan(before[i]))))
             ADD_FAILURE() << level_name(lvl) << " n=" << n << ": row changed at " << i;
+      }
+    }
+  }
+}
+
+// The selection compactions against a plain loop on awkward lengths: flags of every density
+// (none, sparse, all, values other than 1), scores with thresholds inside, below and above their
+// range and tie counts that take none, some or all of the tokens at the threshold. Inputs end at
+// an inaccessible page; the output (n entries) is followed by a guard entry.
+TEST_P(SimdLevel, SelectCompactionsMatchLoops) {
+  const simd_level lvl = GetParam();
+  const select_ops& ops = select_ops_for(lvl);
+  std::mt19937 rng(9);
+  std::vector<size_t> lens = {0, 1, 2, 15, 16, 17, 31, 32, 33, 63, 64, 65, 127, 129, 1000, 4099};
+  constexpr int32_t guard = -77;
+  for (size_t n : lens) {
+    for (double p : {0.0, 0.02, 0.3, 1.0}) {
+      fenced<uint8_t> f(n);
+      std::vector<int32_t> want;
+      for (size_t i = 0; i < n; ++i) {
+        f[i] = std::uniform_real_distribution<double>(0, 1)(rng) < p ? uint8_t(1 + rng() % 255) : 0;
+        if (f[i]) want.push_back(int32_t(i));
+      }
+      std::vector<int32_t> got(n + 1, guard);
+      const int64_t c = ops.nonzero_positions(f.data(), int64_t(n), got.data());
+      ASSERT_EQ(c, int64_t(want.size())) << level_name(lvl) << " n=" << n << " p=" << p;
+      EXPECT_TRUE(std::equal(want.begin(), want.end(), got.begin())) << level_name(lvl) << n;
+      EXPECT_EQ(got[n], guard) << level_name(lvl) << " n=" << n << ": written past n";
+    }
+    fenced<uint16_t> sc(n);
+    for (size_t i = 0; i < n; ++i) sc[i] = uint16_t(100 + rng() % 9);  // many equal scores
+    for (int thr : {0, 99, 103, 104, 108, 300}) {
+      const int64_t at_thr = std::count(sc.data(), sc.data() + n, uint16_t(thr));
+      for (int64_t ties : {int64_t(0), int64_t(1), at_thr / 2, at_thr, at_thr + 5}) {
+        std::vector<int32_t> want;
+        int64_t left = ties;
+        for (size_t i = 0; i < n; ++i) {
+          const bool tie = sc[i] == thr && left > 0;
+          left -= tie;
+          if (sc[i] > thr || tie) want.push_back(int32_t(1000 + i));
+        }
+        std::vector<int32_t> got(n + 1, guard);
+        const int64_t c =
+            ops.positions_above(sc.data(), int64_t(n), uint16_t(thr), ties, 1000, got.data());
+        ASSERT_EQ(c, int64_t(want.size()))
+            << level_name(lvl) << " n=" << n << " thr=" << thr << " ties=" << ties;
+        EXPECT_TRUE(std::equal(want.begin(), want.end(), got.begin()))
+            << level_name(lvl) << " n=" << n << " thr=" << thr << " ties=" << ties;
+        EXPECT_EQ(got[n], guard) << level_name(lvl) << " n=" << n << ": written past n";
       }
     }
   }

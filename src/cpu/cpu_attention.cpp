@@ -20,6 +20,7 @@
 #include "cpu/gqa_kernels.hpp"
 #include "cpu/predictors.hpp"
 #include "cpu/row_kernels.hpp"
+#include "cpu/select_kernels.hpp"
 #include "cpu/simd.hpp"
 #include "vattn/vattn.hpp"
 
@@ -291,11 +292,7 @@ class unit_runner {
     if (cfg.select == selector::topk && oracle) select_topk(st);
     if (cfg.select == selector::topk && !oracle) pred_bytes = select_predicted(st);
     if (cfg.select == selector::topp) select_topp(st);
-    int64_t n_f = 0;  // F, ascending: a compaction without a branch per position
-    for (int64_t i = 0; i < n_; ++i) {
-      ws_.f[n_f] = int32_t(i);
-      n_f += flags[i] != 0;
-    }
+    const int64_t n_f = active_select_ops().nonzero_positions(flags, n_, ws_.f);  // F, ascending
     const int64_t n_s = n_ - n_f;
     if (n_s < 2) return run_dense(1);
     listed_f_ = n_f;
@@ -650,10 +647,13 @@ class unit_runner {
     auto mark = [this](int64_t t, bool on) { ws_.flags[t] |= uint8_t(on); };
     if (st.shortlist == 0) {
       for (int32_t x = 0; x < g_; ++x) {
-        if (pages)
+        if (pages) {
           top_pages(ws_.logits + x * n_max_, lo, hi, st.k, mark);
-        else
-          top_signs(sc + x * n_max_, lo, hi, st.k, mark);
+        } else {
+          int32_t* picked = ws_.sample;  // free: the sample is drawn later
+          const int64_t got = top_signs(sc + x * n_max_, lo, hi, st.k, picked);
+          for (int64_t i = 0; i < got; ++i) ws_.flags[picked[i]] = 1;
+        }
       }
       return index_bytes;
     }
@@ -669,15 +669,15 @@ class unit_runner {
     }
     int32_t* list = ws_.sample;  // the shortlist's tokens; the sample is drawn later
     int64_t len = 0;
-    auto add = [list, &len](int64_t t, bool on) {  // len < hi - lo: inside the list
-      list[len] = int32_t(t);
-      len += on;
-    };
     if (pages) {
+      auto add = [list, &len](int64_t t, bool on) {  // len < hi - lo: inside the list
+        list[len] = int32_t(t);
+        len += on;
+      };
       top_pages(ws_.logits, lo, hi, st.shortlist, add);
       std::sort(list, list + len);  // gathers walk memory forward
     } else {
-      top_signs(sc, lo, hi, st.shortlist, add);  // ascending already
+      len = top_signs(sc, lo, hi, st.shortlist, list);  // ascending already
     }
     if (len <= st.k) {  // every head takes the whole shortlist: no logit needed
       for (int64_t i = 0; i < len; ++i) ws_.flags[list[i]] = 1;
@@ -729,12 +729,11 @@ class unit_runner {
     }
   }
 
-  // Tokens of [lo, hi) ranked by their sign score sc[t - lo] (desc, position asc): pick(t, chosen)
-  // for every t in order, chosen for the first k, so callers set flags or append without a
-  // branch. The histogram is counted in four interleaved copies: most tokens share a few scores,
-  // and adds to one counter would wait on each other.
-  template <class Pick>
-  void top_signs(const uint16_t* sc, int64_t lo, int64_t hi, int64_t k, Pick pick) {
+  // The first k tokens of [lo, hi) ranked by their sign score sc[t - lo] (desc, position asc),
+  // in ascending position order into out; returns how many (k, or hi - lo if fewer). The
+  // histogram is counted in four interleaved copies: most tokens share a few scores, and adds to
+  // one counter would wait on each other.
+  int64_t top_signs(const uint16_t* sc, int64_t lo, int64_t hi, int64_t k, int32_t* out) {
     const int64_t cnt = hi - lo;
     int64_t hist[4][257] = {};
     int64_t i = 0;
@@ -745,12 +744,8 @@ class unit_runner {
     int32_t thr = c_.cfg.pred_bits;
     int64_t above = 0;  // tokens scoring more than thr
     while (thr > 0 && above + count(thr) < k) above += count(thr--);
-    int64_t at_thr = k - above;  // taken from the tokens scoring exactly thr, lowest first
-    for (i = 0; i < cnt; ++i) {
-      const bool tie = sc[i] == thr && at_thr > 0;
-      at_thr -= tie;
-      pick(lo + i, sc[i] > thr || tie);
-    }
+    const int64_t at_thr = k - above;  // taken from the tokens scoring exactly thr, lowest first
+    return active_select_ops().positions_above(sc, cnt, uint16_t(thr), at_thr, int32_t(lo), out);
   }
 
   void select_topp(const stage_sizes& st) {
@@ -785,9 +780,7 @@ class unit_runner {
     for (int64_t i = 0; i < st.n_sink; ++i) flags[i] = 1;
     for (int64_t i = n_ - st.n_local; i < n_; ++i) flags[i] = 1;
     if (st.k > 0) select_topk(st);
-    int64_t n_f = 0;
-    for (int64_t i = 0; i < n_; ++i)
-      if (flags[i]) ws_.f[n_f++] = int32_t(i);
+    const int64_t n_f = active_select_ops().nonzero_positions(flags, n_, ws_.f);
     float c = -INFINITY;
     for (int64_t t = 0; t < n_; ++t) c = std::max(c, lg(0, t));
     auto e_of = [&](int64_t t) { return std::exp(double(lg(0, t) - c)); };
