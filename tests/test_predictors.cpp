@@ -696,7 +696,8 @@ TEST(PredictorIndex, SizesReadBytesAndMoves) {
 
 }  // namespace
 
-// Scoring every head of a kv group in one pass gives the single-head values exactly.
+// Scoring every head of a kv group in one pass gives the single-head values exactly; the fused
+// unit score is their maximum, with its histogram.
 TEST(PredictorIndex, GroupScoringEqualsPerHead) {
   for (predictor pred : {predictor::page_bounds, predictor::sign_bits}) {
     const int32_t d = 40, G = 3, n = 5000;
@@ -726,6 +727,24 @@ TEST(PredictorIndex, GroupScoringEqualsPerHead) {
         detail::sign_matches(x, 0, 1, qs.data() + h * x.words, lo, hi, one.data());
         for (int64_t t = 0; t < hi - lo; ++t) ASSERT_EQ(all[h * ld + t], one[t]) << h << " " << t;
         EXPECT_EQ(all[h * ld + (hi - lo)], 999) << "wrote past t1";
+      }
+      // The unit score (maximum over the heads) and its histogram, over one range and over two
+      // pieces sharing the counts (as the scan's tasks do).
+      for (int64_t cut : {lo, lo + 1000, lo + 1037, hi}) {
+        std::vector<uint16_t> unit(size_t(hi - lo) + 1, 999);
+        std::vector<int64_t> counts(size_t(x.cfg.pred_bits) + 1, 0);
+        detail::sign_max_matches_heads(x, 0, 1, qs.data(), G, lo, cut, unit.data(), counts.data());
+        detail::sign_max_matches_heads(x, 0, 1, qs.data(), G, cut, hi, unit.data() + (cut - lo),
+                                       counts.data());
+        std::vector<int64_t> want(counts.size(), 0);
+        for (int64_t t = 0; t < hi - lo; ++t) {
+          uint16_t m = 0;
+          for (int32_t h = 0; h < G; ++h) m = std::max(m, all[h * ld + t]);
+          ASSERT_EQ(unit[t], m) << "cut " << cut << " token " << t;
+          ++want[m];
+        }
+        EXPECT_EQ(unit[hi - lo], 999) << "wrote past t1";
+        EXPECT_EQ(counts, want) << "cut " << cut;
       }
     }
   }

@@ -624,6 +624,7 @@ class unit_runner {
     // Scores of head x: pages at ws_.logits + x * n_max (by page - p0), signs as u16 at
     // sc + x * n_max (by token - lo).
     uint16_t* sc = reinterpret_cast<uint16_t*>(ws_.logits);
+    int64_t counts[257];  // refine with signs: the unit scores' histogram
     if (pages) {
       const int64_t block = 2048, blocks = (p1 - p0 + block - 1) / block;
       VATTN_TASKLOOP
@@ -636,11 +637,21 @@ class unit_runner {
       uint32_t qsig[256 * 8];
       for (int32_t x = 0; x < g_; ++x) query_signature(ix, kvh_, q(x), qsig + x * ix.words);
       const int64_t block = 16384, blocks = (hi - lo + block - 1) / block;
-      VATTN_TASKLOOP
-      for (int64_t b = 0; b < blocks; ++b) {
-        const int64_t a = lo + b * block;
-        sign_matches_heads(ix, s_, kvh_, qsig, g_, a, std::min(hi, a + block), sc + (a - lo),
-                           n_max_);
+      if (st.shortlist > 0) {  // refine: only the unit's score (row 0) and its histogram
+        std::fill(counts, counts + 257, 0);
+        VATTN_TASKLOOP
+        for (int64_t b = 0; b < blocks; ++b) {
+          const int64_t a = lo + b * block;
+          sign_max_matches_heads(ix, s_, kvh_, qsig, g_, a, std::min(hi, a + block), sc + (a - lo),
+                                 counts);
+        }
+      } else {
+        VATTN_TASKLOOP
+        for (int64_t b = 0; b < blocks; ++b) {
+          const int64_t a = lo + b * block;
+          sign_matches_heads(ix, s_, kvh_, qsig, g_, a, std::min(hi, a + block), sc + (a - lo),
+                             n_max_);
+        }
       }
     }
     const int64_t index_bytes = predictor_read_bytes(ix, n_) / g_;
@@ -657,14 +668,12 @@ class unit_runner {
       }
       return index_bytes;
     }
-    // refine: the shortlist by the unit's score (the maximum over its heads, kept in row 0).
-    for (int32_t x = 1; x < g_; ++x) {
-      if (pages) {
+    // refine: the shortlist by the unit's score (the maximum over its heads, kept in row 0; the
+    // sign scan wrote it and its histogram directly).
+    if (pages) {
+      for (int32_t x = 1; x < g_; ++x) {
         const float* r = ws_.logits + x * n_max_;
         for (int64_t i = 0; i < p1 - p0; ++i) ws_.logits[i] = std::max(ws_.logits[i], r[i]);
-      } else {
-        const uint16_t* r = sc + x * n_max_;
-        for (int64_t i = 0; i < hi - lo; ++i) sc[i] = std::max(sc[i], r[i]);
       }
     }
     int32_t* list = ws_.sample;  // the shortlist's tokens; the sample is drawn later
@@ -677,7 +686,7 @@ class unit_runner {
       top_pages(ws_.logits, lo, hi, st.shortlist, add);
       std::sort(list, list + len);  // gathers walk memory forward
     } else {
-      len = top_signs(sc, lo, hi, st.shortlist, list);  // ascending already
+      len = top_signs(sc, lo, hi, st.shortlist, list, counts);  // ascending already
     }
     if (len <= st.k) {  // every head takes the whole shortlist: no logit needed
       for (int64_t i = 0; i < len; ++i) ws_.flags[list[i]] = 1;
@@ -731,15 +740,20 @@ class unit_runner {
 
   // The first k tokens of [lo, hi) ranked by their sign score sc[t - lo] (desc, position asc),
   // in ascending position order into out; returns how many (k, or hi - lo if fewer). The
-  // histogram is counted in four interleaved copies: most tokens share a few scores, and adds to
-  // one counter would wait on each other.
-  int64_t top_signs(const uint16_t* sc, int64_t lo, int64_t hi, int64_t k, int32_t* out) {
+  // scores' histogram is `given` (pred_bits + 1 counts) or counted here in four interleaved
+  // copies: most tokens share a few scores, and adds to one counter would wait on each other.
+  int64_t top_signs(const uint16_t* sc, int64_t lo, int64_t hi, int64_t k, int32_t* out,
+                    const int64_t* given = nullptr) {
     const int64_t cnt = hi - lo;
     int64_t hist[4][257] = {};
-    int64_t i = 0;
-    for (; i + 4 <= cnt; i += 4)
-      ++hist[0][sc[i]], ++hist[1][sc[i + 1]], ++hist[2][sc[i + 2]], ++hist[3][sc[i + 3]];
-    for (; i < cnt; ++i) ++hist[0][sc[i]];
+    if (given) {
+      std::copy(given, given + c_.cfg.pred_bits + 1, hist[0]);
+    } else {
+      int64_t i = 0;
+      for (; i + 4 <= cnt; i += 4)
+        ++hist[0][sc[i]], ++hist[1][sc[i + 1]], ++hist[2][sc[i + 2]], ++hist[3][sc[i + 3]];
+      for (; i < cnt; ++i) ++hist[0][sc[i]];
+    }
     auto count = [&hist](int32_t b) { return hist[0][b] + hist[1][b] + hist[2][b] + hist[3][b]; };
     int32_t thr = c_.cfg.pred_bits;
     int64_t above = 0;  // tokens scoring more than thr

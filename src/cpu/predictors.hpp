@@ -60,6 +60,14 @@ void page_upper_bounds_heads(const pred_impl& ix, int32_t slot, int32_t kvh, con
 void sign_matches_heads(const pred_impl& ix, int32_t slot, int32_t kvh, const uint32_t* qsig,
                         int32_t G, int64_t t0, int64_t t1, uint16_t* out, int64_t ld);
 
+// The unit score of tokens [t0, t1) of kv head kvh: per token the maximum over G query heads
+// (qsig [G, words]) of the bits shared, into out[t - t0] (equal to the per-head calls and a
+// maximum); counts[s] (pred_bits + 1 entries) gains the tokens scoring s, added atomically so
+// concurrent calls over disjoint ranges may share it. Each block is scored, maximised and counted
+// while it is in L1.
+void sign_max_matches_heads(const pred_impl& ix, int32_t slot, int32_t kvh, const uint32_t* qsig,
+                            int32_t G, int64_t t0, int64_t t1, uint16_t* out, int64_t* counts);
+
 // Bytes of the index read to score n tokens (once per kv group when heads score together).
 int64_t predictor_read_bytes(const pred_impl& ix, int64_t n);
 
