@@ -740,21 +740,13 @@ class unit_runner {
 
   // The first k tokens of [lo, hi) ranked by their sign score sc[t - lo] (desc, position asc),
   // in ascending position order into out; returns how many (k, or hi - lo if fewer). The
-  // scores' histogram is `given` (pred_bits + 1 counts) or counted here in four interleaved
-  // copies: most tokens share a few scores, and adds to one counter would wait on each other.
+  // scores' histogram is `given` (pred_bits + 1 counts) or counted here.
   int64_t top_signs(const uint16_t* sc, int64_t lo, int64_t hi, int64_t k, int32_t* out,
                     const int64_t* given = nullptr) {
     const int64_t cnt = hi - lo;
-    int64_t hist[4][257] = {};
-    if (given) {
-      std::copy(given, given + c_.cfg.pred_bits + 1, hist[0]);
-    } else {
-      int64_t i = 0;
-      for (; i + 4 <= cnt; i += 4)
-        ++hist[0][sc[i]], ++hist[1][sc[i + 1]], ++hist[2][sc[i + 2]], ++hist[3][sc[i + 3]];
-      for (; i < cnt; ++i) ++hist[0][sc[i]];
-    }
-    auto count = [&hist](int32_t b) { return hist[0][b] + hist[1][b] + hist[2][b] + hist[3][b]; };
+    score_counts own;
+    if (!given) own.add(sc, cnt);
+    auto count = [&](int32_t b) { return given ? given[b] : own.at(b); };
     int32_t thr = c_.cfg.pred_bits;
     int64_t above = 0;  // tokens scoring more than thr
     while (thr > 0 && above + count(thr) < k) above += count(thr--);

@@ -691,7 +691,7 @@ void sign_max_matches_heads(const pred_impl& ix, int32_t slot, int32_t kvh, cons
                             int32_t G, int64_t t0, int64_t t1, uint16_t* out, int64_t* counts) {
   constexpr int64_t k_block = 1024;  // 2 KB of scores per head, 32 KB of 256-bit signatures
   uint16_t other[k_block];
-  int64_t local[4][257] = {};  // four interleaved copies: neighbouring tokens share scores
+  score_counts local;
   for (int64_t b = t0; b < t1; b += k_block) {
     const int64_t len = std::min(t1, b + k_block) - b;
     uint16_t* o = out + (b - t0);
@@ -700,13 +700,10 @@ void sign_max_matches_heads(const pred_impl& ix, int32_t slot, int32_t kvh, cons
       sign_matches(ix, slot, kvh, qsig + x * ix.words, b, b + len, other);
       for (int64_t i = 0; i < len; ++i) o[i] = std::max(o[i], other[i]);
     }
-    int64_t i = 0;
-    for (; i + 4 <= len; i += 4)
-      ++local[0][o[i]], ++local[1][o[i + 1]], ++local[2][o[i + 2]], ++local[3][o[i + 3]];
-    for (; i < len; ++i) ++local[0][o[i]];
+    local.add(o, len);
   }
   for (int32_t v = 0; v <= ix.cfg.pred_bits; ++v) {
-    const int64_t c = local[0][v] + local[1][v] + local[2][v] + local[3][v];
+    const int64_t c = local.at(v);
     if (c) std::atomic_ref<int64_t>(counts[v]).fetch_add(c, std::memory_order_relaxed);
   }
 }

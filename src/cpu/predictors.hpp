@@ -42,6 +42,19 @@ namespace detail {
 
 using pred_impl = predictor_index::impl;
 
+// Counts of sign scores (0 to 256) in four interleaved copies: neighbouring tokens mostly share a
+// score, and adds to one counter would wait on each other.
+struct score_counts {
+  int64_t part[4][257] = {};
+  void add(const uint16_t* sc, int64_t n) {
+    int64_t i = 0;
+    for (; i + 4 <= n; i += 4)
+      ++part[0][sc[i]], ++part[1][sc[i + 1]], ++part[2][sc[i + 2]], ++part[3][sc[i + 3]];
+    for (; i < n; ++i) ++part[0][sc[i]];
+  }
+  int64_t at(int32_t v) const { return part[0][v] + part[1][v] + part[2][v] + part[3][v]; }
+};
+
 // Upper bounds of <q, k> (unscaled) over pages [p0, p1) of (slot, kv head): out[p - p0].
 void page_upper_bounds(const pred_impl& ix, int32_t slot, int32_t kvh, const float* q, int64_t p0,
                        int64_t p1, float* out);
