@@ -678,13 +678,58 @@ void page_upper_bounds_heads(const pred_impl& ix, int32_t slot, int32_t kvh, con
                         out + x * ld + (b - p0));
 }
 
+namespace {
+
+// Lines of the next block asked into L2 while the present block is scored, spread over the
+// block's score calls. The present block's later passes (heads 1 to G-1) compute from L1 with no
+// load from memory in flight; without these requests, memory idles while they run and the next
+// block's first pass waits for every line (the hardware streamer stops at each 4 KB page).
+class next_block_lines {
+ public:
+  next_block_lines(const void* next, int64_t bytes, int64_t calls)
+      : p_(static_cast<const char*>(next)),
+        lines_((bytes + 63) / 64),
+        calls_(std::max<int64_t>(1, calls)) {}
+  void after_call() {
+    const int64_t to = lines_ * ++done_ / calls_;
+    for (; line_ < to; ++line_) __builtin_prefetch(p_ + line_ * 64, 0, 2);
+  }
+
+ private:
+  const char* p_;
+  int64_t lines_, calls_, done_ = 0, line_ = 0;
+};
+
+constexpr int64_t k_score_chunk = 128;  // tokens a score call; 4 KB of 256-bit signatures
+
+// Scores of tokens [b, b + len) for the query heads x of the group in chunks (one per
+// k_score_chunk tokens), then the prefetch step; out(x) gives head x's destination.
+template <typename Out, typename Pass>
+void score_block(const pred_impl& ix, int32_t slot, int32_t kvh, const uint32_t* qsig, int32_t G,
+                 int64_t b, int64_t len, int64_t t1, Out out, Pass after_pass) {
+  const int64_t next = std::min(t1 - (b + len), len);
+  const int64_t chunks = (len + k_score_chunk - 1) / k_score_chunk;
+  next_block_lines pf(ix.sig_row(slot, kvh, b + len), next * ix.words * 4, G * chunks);
+  for (int32_t x = 0; x < G; ++x) {
+    uint16_t* o = out(x);
+    for (int64_t c = 0; c < len; c += k_score_chunk) {
+      sign_matches(ix, slot, kvh, qsig + x * ix.words, b + c, b + std::min(len, c + k_score_chunk),
+                   o + c);
+      pf.after_call();
+    }
+    after_pass(x);
+  }
+}
+
+}  // namespace
+
 void sign_matches_heads(const pred_impl& ix, int32_t slot, int32_t kvh, const uint32_t* qsig,
                         int32_t G, int64_t t0, int64_t t1, uint16_t* out, int64_t ld) {
   const int64_t block = std::max<int64_t>(64, 16384 / (4 * ix.words));
   for (int64_t b = t0; b < t1; b += block)
-    for (int32_t x = 0; x < G; ++x)
-      sign_matches(ix, slot, kvh, qsig + x * ix.words, b, std::min(t1, b + block),
-                   out + x * ld + (b - t0));
+    score_block(
+        ix, slot, kvh, qsig, G, b, std::min(t1, b + block) - b, t1,
+        [&](int32_t x) { return out + x * ld + (b - t0); }, [](int32_t) {});
 }
 
 void sign_max_matches_heads(const pred_impl& ix, int32_t slot, int32_t kvh, const uint32_t* qsig,
@@ -695,11 +740,12 @@ void sign_max_matches_heads(const pred_impl& ix, int32_t slot, int32_t kvh, cons
   for (int64_t b = t0; b < t1; b += k_block) {
     const int64_t len = std::min(t1, b + k_block) - b;
     uint16_t* o = out + (b - t0);
-    sign_matches(ix, slot, kvh, qsig, b, b + len, o);
-    for (int32_t x = 1; x < G; ++x) {
-      sign_matches(ix, slot, kvh, qsig + x * ix.words, b, b + len, other);
-      for (int64_t i = 0; i < len; ++i) o[i] = std::max(o[i], other[i]);
-    }
+    score_block(
+        ix, slot, kvh, qsig, G, b, len, t1, [&](int32_t x) { return x == 0 ? o : other; },
+        [&](int32_t x) {
+          if (x > 0)
+            for (int64_t i = 0; i < len; ++i) o[i] = std::max(o[i], other[i]);
+        });
     local.add(o, len);
   }
   for (int32_t v = 0; v <= ix.cfg.pred_bits; ++v) {
