@@ -163,6 +163,34 @@ double seconds_since(clock_type::time_point t0) {
 }
 
 // The rows one unit reads, with the kernels of the SIMD level in use.
+// The largest of x[0, n) (-inf when n = 0). Eight running maxima in a fixed-length inner loop,
+// which the compiler turns into vector maxima (a > m ? a : m is the vector max instruction's rule).
+float max_of(const float* x, int64_t n) {
+  float m[8];
+  std::fill(m, m + 8, -INFINITY);
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    for (int j = 0; j < 8; ++j) m[j] = x[i + j] > m[j] ? x[i + j] : m[j];
+  for (; i < n; ++i) m[0] = x[i] > m[0] ? x[i] : m[0];
+  float r = m[0];
+  for (int j = 1; j < 8; ++j) r = m[j] > r ? m[j] : r;
+  return r;
+}
+
+// sum_i x[i] and sum_i x[i]^2 in double, four partial sums each (a fixed summation order).
+void sum_squares(const float* x, int64_t n, double* sum, double* sq) {
+  double s[4] = {0, 0, 0, 0}, q[4] = {0, 0, 0, 0};
+  int64_t i = 0;
+  for (; i + 4 <= n; i += 4)
+    for (int j = 0; j < 4; ++j) {
+      const double v = x[i + j];
+      s[j] += v, q[j] += v * v;
+    }
+  for (; i < n; ++i) s[0] += double(x[i]), q[0] += double(x[i]) * x[i];
+  *sum += (s[0] + s[1]) + (s[2] + s[3]);
+  if (sq) *sq += (q[0] + q[1]) + (q[2] + q[3]);
+}
+
 template <dtype T>
 class row_source {
  public:
@@ -328,11 +356,8 @@ class unit_runner {
     for (int32_t x = 0; x < g_; ++x) bind_acc(x);
     weigh(n_f, m0);
     src_.wsum(ws_.cl, n_max_, g_, d_, ws_.off, n_f, ws_.part, ws_.acc, d_);
-    for (int32_t x = 0; x < g_; ++x) {
-      const float* e = ws_.cl + x * n_max_ + n_f;
-      head_acc& A = acc_[x];
-      for (int64_t j = 0; j < m0; ++j) A.s_e += double(e[j]), A.s_ee += double(e[j]) * e[j];
-    }
+    for (int32_t x = 0; x < g_; ++x)
+      sum_squares(ws_.cl + x * n_max_ + n_f, m0, &acc_[x].s_e, &acc_[x].s_ee);
     src_.moments(ws_.cl + n_f, n_max_, g_, d_, ws_.off + n_f, m0, ws_.mpart, acc_[0].s_ev,
                  acc_[0].s_evev, acc_[0].s_eev);
     prof.attend_s += seconds_since(t0);
@@ -484,13 +509,12 @@ class unit_runner {
   void weigh(int64_t n_f, int64_t m0) {
     for (int32_t x = 0; x < g_; ++x) {
       float* l = cl(x);
-      float c = -INFINITY;
-      for (int64_t i = 0; i < n_f + m0; ++i) c = std::max(c, l[i]);
+      const float c = max_of(l, n_f + m0);
       for (int64_t i = 0; i < n_f + m0; ++i) l[i] -= c;
       exp_inplace(active_simd_level(), l, n_f + m0);
       head_acc& A = acc_[x];
       A.c = c;
-      for (int64_t i = 0; i < n_f; ++i) A.d_f += double(l[i]);
+      sum_squares(l, n_f, &A.d_f, nullptr);
     }
   }
 
@@ -527,8 +551,7 @@ class unit_runner {
     for (int32_t x = 0; x < g_; ++x) {
       head_acc& A = acc_[x];
       float* l = cl(x) + at;
-      float c = A.c;
-      for (int64_t i = 0; i < cnt; ++i) c = std::max(c, l[i]);
+      const float c = std::max(A.c, max_of(l, cnt));
       // The second-moment sums (s_ee, s_evev, s_eev) are not rescaled: they served the budget,
       // which is fixed by now.
       if (c > A.c) {  // keep one stabiliser for every term of the row
@@ -540,7 +563,7 @@ class unit_runner {
       }
       for (int64_t i = 0; i < cnt; ++i) l[i] -= c;
       exp_inplace(active_simd_level(), l, cnt);
-      for (int64_t i = 0; i < cnt; ++i) A.s_e += double(l[i]);
+      sum_squares(l, cnt, &A.s_e, nullptr);
     }
     src_.wsum(ws_.cl + at, n_max_, g_, d_, ws_.off + at, cnt, ws_.part, ws_.acc + int64_t(g_) * d_,
               d_);
