@@ -205,8 +205,11 @@ TEST(Cli, BenchSmallJson) {
       ASSERT_TRUE(row[k].is_number()) << k << " in " << row.dump();
       EXPECT_TRUE(std::isfinite(row[k].get<double>())) << k;
     }
-    for (const auto& [k, v] : row.items())
-      if (v.is_number()) EXPECT_TRUE(std::isfinite(v.get<double>())) << k;
+    for (const auto& [k, v] : row.items()) {
+      if (v.is_number()) {
+        EXPECT_TRUE(std::isfinite(v.get<double>())) << k;
+      }
+    }
     EXPECT_GT(row["density"].get<double>(), 0.0);
     EXPECT_LE(row["density"].get<double>(), 1.0);
     if (row["method"] == "dense") {
@@ -220,6 +223,30 @@ TEST(Cli, BenchSmallJson) {
       EXPECT_LT(row["density"].get<double>(), 1.0);
     }
   }
+}
+
+// Each timed call draws its own sample: the row's density is the mean over the calls, between
+// the least and the largest call, and the vAttention budget moves from step to step (eps 0.01
+// with a 1% base sample: the budget, not the base sample, sets the sample's size).
+TEST(Cli, BenchDensityIsTheMeanOverSteps) {
+  result r =
+      run("bench --context 8192 --n-head-q 4 --n-head-kv 2 --head-dim 32 --reps 6 --methods "
+          "vattention --predictors oracle --eps 0.01 --config base=0.01 --threads 1 "
+          "--stream-mib 16 --json");
+  ASSERT_EQ(r.code, 0) << r.out;
+  auto j = nlohmann::json::parse(r.out);
+  ASSERT_EQ(j["rows"].size(), 2u);  // dense, vattention
+  const auto& dense = j["rows"][0];
+  EXPECT_EQ(dense["density_min"].get<double>(), 1.0);
+  EXPECT_EQ(dense["density_max"].get<double>(), 1.0);
+  const auto& row = j["rows"][1];
+  const double mean = row["density"].get<double>(), lo = row["density_min"].get<double>(),
+               hi = row["density_max"].get<double>();
+  EXPECT_GT(lo, 0.0);
+  EXPECT_LE(lo, mean);
+  EXPECT_LE(mean, hi);
+  EXPECT_LT(lo, hi) << "six steps drew the same budget in every head";
+  EXPECT_LT(hi, 1.0);
 }
 
 TEST(Cli, BenchPredictorsJson) {

@@ -229,7 +229,9 @@ struct timing {
 };
 
 // One warm-up run, then `reps` timed runs (steps 1..reps); out and stats hold the last run.
-timing time_runs(const plan& pl, run_args a, aligned_buffer& ws, int reps) {
+// after_run() is called after each timed run, outside the timed region.
+template <typename After>
+timing time_runs(const plan& pl, run_args a, aligned_buffer& ws, int reps, After after_run) {
   timing t;
   a.profile = nullptr;
   a.step = 0;
@@ -243,6 +245,7 @@ timing time_runs(const plan& pl, run_args a, aligned_buffer& ws, int reps) {
     t.ms.push_back(seconds_since(t0) * 1e3);
     t.select_s += prof.select_s;
     t.attend_s += prof.attend_s;
+    after_run();
   }
   return t;
 }
@@ -341,27 +344,43 @@ void measure_group(const bench_options& o, const std::vector<row_spec>& specs, d
     ws.reserve(pl.workspace_bytes());
     run_args a = base;
     a.index = index.get();
-    const timing tm = time_runs(pl, a, ws, o.reps);
+    // Each step draws its own sample, so the budget, the density and the error change from step
+    // to step: the row reports their means over every timed step (err: over every step and head).
+    double density = 0, bytes = 0, n_f = 0, b = 0;
+    std::vector<double> err;
+    err.reserve(heads * size_t(o.reps));
+    double density_min = INFINITY, density_max = 0;  // of one call (mean over its heads)
+    auto after_run = [&] {
+      double call_density = 0;
+      for (const head_stats& s : stats) {
+        call_density += s.density, bytes += double(s.bytes_kv), n_f += double(s.n_f);
+        b += double(s.b);
+      }
+      density += call_density;
+      density_min = std::min(density_min, call_density / double(heads));
+      density_max = std::max(density_max, call_density / double(heads));
+      for (size_t x = 0; x < heads; ++x) {
+        if (is_dense) {  // the baseline itself
+          err.push_back(0.0);
+          continue;
+        }
+        double num = 0, den = 0;
+        for (int32_t j = 0; j < d; ++j) {
+          const double y = dense_out[x * d + j], e = double(out[x * d + j]) - y;
+          num += e * e, den += y * y;
+        }
+        err.push_back(den > 0 ? std::sqrt(num / den) : std::sqrt(num));
+      }
+    };
+    const timing tm = time_runs(pl, a, ws, o.reps, after_run);
     const double med = median(tm.ms);
     const double mn = *std::min_element(tm.ms.begin(), tm.ms.end());
-
-    double density = 0, bytes = 0, n_f = 0, b = 0;
-    for (const head_stats& s : stats) {
-      density += s.density, bytes += double(s.bytes_kv), n_f += double(s.n_f), b += double(s.b);
-    }
-    density /= double(heads), n_f /= double(heads), b /= double(heads);
+    const double runs = double(heads) * double(o.reps);
+    density /= runs, n_f /= runs, b /= runs;
+    bytes /= double(o.reps);  // per call
     if (is_dense) {
       dense_out = out;
       dense_ms = med;
-    }
-    std::vector<double> err(heads);
-    for (size_t x = 0; x < heads; ++x) {
-      double num = 0, den = 0;
-      for (int32_t j = 0; j < d; ++j) {
-        const double y = dense_out[x * d + j], e = double(out[x * d + j]) - y;
-        num += e * e, den += y * y;
-      }
-      err[x] = den > 0 ? std::sqrt(num / den) : std::sqrt(num);
     }
     const eval::summary es = eval::summarize(err);
 
@@ -417,6 +436,8 @@ void measure_group(const bench_options& o, const std::vector<row_spec>& specs, d
     row["median_ms"] = med;
     row["min_ms"] = mn;
     row["density"] = density;
+    row["density_min"] = density_min;
+    row["density_max"] = density_max;
     row["n_f_mean"] = n_f;
     row["b_mean"] = b;
     row["bytes_read"] = bytes;
@@ -702,9 +723,10 @@ void run_bench(const bench_options& o, bool json) {
   }
   std::printf("%s\n", tb.str().c_str());
   std::printf(
-      "ms: median wall time of one call; GB/s: K/V (and index) bytes read / ms; speedup: dense "
-      "ms / ms;\nerr: ||O - O_dense|| / ||O_dense|| per (sequence, head); recall: |F & F_oracle| "
-      "/ |F_oracle| (rec top-k: without sinks and local window);\nselect%%: selection's share of "
+      "ms: median wall time of one call; density, MB: means over the timed calls (each step "
+      "draws its own sample); GB/s: MB / ms;\nspeedup: dense ms / ms; err: ||O - O_dense|| / "
+      "||O_dense|| per (sequence, head, timed call); recall: |F & F_oracle| / |F_oracle| at the "
+      "last step\n(rec top-k: without sinks and local window); select%%: selection's share of "
       "thread time over the timed runs\n");
 }
 
