@@ -9,6 +9,7 @@ import argparse
 import json
 import os
 import sys
+import textwrap
 
 
 def load(paths):
@@ -98,7 +99,7 @@ def main():
 
     fig = plt.figure(figsize=(max(6.5, 4.2 * len(batches)), 9.5), constrained_layout=True)
     grid = fig.add_gridspec(2, len(batches))
-    fig.suptitle(title(meta), fontsize=9)
+    fig.suptitle(textwrap.fill(title(meta), 90), fontsize=9)  # long machine names wrap
 
     # (1) speed-up over dense against context, one panel per batch size.
     first = None
