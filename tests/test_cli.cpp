@@ -2,6 +2,7 @@
 // error messages.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <filesystem>
@@ -247,6 +248,14 @@ TEST(Cli, BenchDensityIsTheMeanOverSteps) {
   EXPECT_LE(mean, hi);
   EXPECT_LT(lo, hi) << "six steps drew the same budget in every head";
   EXPECT_LT(hi, 1.0);
+  const auto steps = row["density_steps"].get<std::vector<double>>();
+  ASSERT_EQ(steps.size(), 6u);
+  double sum = 0;
+  for (double x : steps) sum += x;
+  EXPECT_NEAR(mean, sum / 6.0, 1e-12);  // the mean of the calls, not the last call's
+  EXPECT_NE(mean, steps.back());
+  EXPECT_EQ(lo, *std::min_element(steps.begin(), steps.end()));
+  EXPECT_EQ(hi, *std::max_element(steps.begin(), steps.end()));
 }
 
 TEST(Cli, BenchPredictorsJson) {

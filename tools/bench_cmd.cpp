@@ -230,7 +230,9 @@ struct timing {
 
 // A dense call timed before each of a row's calls: the two alternate, so the ratio of their
 // medians holds when the machine's bandwidth drifts, and the dense call streams the whole cache
-// between two of the row's calls (as other layers would), so the row finds nothing left in cache.
+// between two of the row's calls (as other layers would): where the cache is larger than the
+// last-level cache, the row finds none of its own reads left there. (The dense row itself is
+// timed back to back; its dense_paired_ms is its own median.)
 struct paired_dense {
   const plan* pl = nullptr;
   run_args a;
@@ -371,6 +373,7 @@ void measure_group(const bench_options& o, const std::vector<row_spec>& specs, d
     std::vector<double> err;
     err.reserve(heads * size_t(o.reps));
     double density_min = INFINITY, density_max = 0;  // of one call (mean over its heads)
+    std::vector<double> density_steps;               // each timed call's, in step order
     auto after_run = [&] {
       double call_density = 0;
       for (const head_stats& s : stats) {
@@ -378,8 +381,9 @@ void measure_group(const bench_options& o, const std::vector<row_spec>& specs, d
         b += double(s.b);
       }
       density += call_density;
-      density_min = std::min(density_min, call_density / double(heads));
-      density_max = std::max(density_max, call_density / double(heads));
+      density_steps.push_back(call_density / double(heads));
+      density_min = std::min(density_min, density_steps.back());
+      density_max = std::max(density_max, density_steps.back());
       for (size_t x = 0; x < heads; ++x) {
         if (is_dense) {  // the baseline itself
           err.push_back(0.0);
@@ -412,6 +416,7 @@ void measure_group(const bench_options& o, const std::vector<row_spec>& specs, d
       pd.a.out = paired_out.data();
       pd.a.stats = paired_stats.data();
       pd.ws = &paired_ws;
+      dense_plan->run(pd.a, paired_ws.data(), paired_ws.size());  // warm-up, untimed
     }
     const eval::summary es = eval::summarize(err);
 
@@ -469,6 +474,7 @@ void measure_group(const bench_options& o, const std::vector<row_spec>& specs, d
     row["density"] = density;
     row["density_min"] = density_min;
     row["density_max"] = density_max;
+    row["density_steps"] = density_steps;
     row["n_f_mean"] = n_f;
     row["b_mean"] = b;
     row["bytes_read"] = bytes;
@@ -621,8 +627,8 @@ void check_memory(const bench_options& o, dtype t) {
 
 std::string csv_cell(const ojson& v) {
   if (v.is_null()) return "";
-  if (v.is_string()) {
-    std::string s = v.get<std::string>();
+  if (v.is_string() || v.is_structured()) {  // lists (density_steps) as their JSON text, quoted
+    std::string s = v.is_string() ? v.get<std::string>() : v.dump();
     if (s.find_first_of(",\"\n") == std::string::npos) return s;
     std::string q = "\"";
     for (char c : s) q += c == '"' ? std::string("\"\"") : std::string(1, c);

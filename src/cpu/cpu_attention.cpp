@@ -162,7 +162,6 @@ double seconds_since(clock_type::time_point t0) {
   throw error(msg);
 }
 
-// The rows one unit reads, with the kernels of the SIMD level in use.
 // The largest of x[0, n) (-inf when n = 0). Eight running maxima in a fixed-length inner loop,
 // which the compiler turns into vector maxima (a > m ? a : m is the vector max instruction's rule).
 float max_of(const float* x, int64_t n) {
@@ -191,6 +190,7 @@ void sum_squares(const float* x, int64_t n, double* sum, double* sq) {
   if (sq) *sq += (q[0] + q[1]) + (q[2] + q[3]);
 }
 
+// The rows one unit reads, with the kernels of the SIMD level in use.
 template <dtype T>
 class row_source {
  public:

@@ -686,9 +686,10 @@ namespace {
 // block's first pass waits for every line (the hardware streamer stops at each 4 KB page).
 class next_block_lines {
  public:
+  // The lines holding bytes [next, next + bytes), from the one containing next.
   next_block_lines(const void* next, int64_t bytes, int64_t calls)
-      : p_(static_cast<const char*>(next)),
-        lines_((bytes + 63) / 64),
+      : p_(static_cast<const char*>(next) - reinterpret_cast<uintptr_t>(next) % 64),
+        lines_(bytes > 0 ? (int64_t(reinterpret_cast<uintptr_t>(next) % 64) + bytes + 63) / 64 : 0),
         calls_(std::max<int64_t>(1, calls)) {}
   void after_call() {
     const int64_t to = lines_ * ++done_ / calls_;
