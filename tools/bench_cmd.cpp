@@ -11,6 +11,7 @@
 #include <fstream>
 #include <iostream>
 #include <memory>
+#include <numeric>
 #include <string>
 #include <vector>
 
@@ -235,23 +236,24 @@ struct timing {
 // timed back to back; its dense_paired_ms is its own median.)
 struct paired_dense {
   const plan* pl = nullptr;
-  run_args a;
-  aligned_buffer* ws = nullptr;
+  run_args a;  // the row's inputs, its own output
 };
 
-// One warm-up run, then `reps` timed runs (steps 1..reps); out and stats hold the last run.
-// after_run() is called after each timed run, outside the timed region.
+// One warm-up run (of the paired dense call too), then `reps` timed runs (steps 1..reps); out
+// and stats hold the last run. after_run() is called after each timed run, outside the timed
+// region. The paired dense call uses the same workspace (ws must fit both plans).
 template <typename After>
 timing time_runs(const plan& pl, run_args a, aligned_buffer& ws, int reps, After after_run,
                  const paired_dense& pd) {
   timing t;
   a.profile = nullptr;
   a.step = 0;
+  if (pd.pl) pd.pl->run(pd.a, ws.data(), ws.size());
   pl.run(a, ws.data(), ws.size());
   for (int r = 1; r <= reps; ++r) {
     if (pd.pl) {
       const auto t0 = clock_type::now();
-      pd.pl->run(pd.a, pd.ws->data(), pd.ws->size());
+      pd.pl->run(pd.a, ws.data(), ws.size());
       t.dense_ms.push_back(seconds_since(t0) * 1e3);
     }
     run_profile prof;
@@ -342,11 +344,10 @@ void measure_group(const bench_options& o, const std::vector<row_spec>& specs, d
   const double cache_bytes = 2.0 * double(batch) * double(n) * o.n_head_kv * d * dtype_size(t);
   const double dense_floor_ms = cache_bytes / (stream_gbs * 1e9) * 1e3;
   double dense_ms = 0;
-  // The paired dense calls write their own output; the plan is the group's dense row's.
+  // The paired dense calls: the group's dense row's config, their own output, the rows'
+  // workspace (the calls take turns).
   std::unique_ptr<plan> dense_plan;
   std::vector<float> paired_out(out.size());
-  std::vector<head_stats> paired_stats(heads);
-  aligned_buffer paired_ws;
   paired_dense pd;
   progress prog("measure " + fam + " n=" + std::to_string(n) + " batch=" + std::to_string(batch),
                 int64_t(specs.size()));
@@ -364,26 +365,21 @@ void measure_group(const bench_options& o, const std::vector<row_spec>& specs, d
       index_ms = seconds_since(t0) * 1e3;
     }
     const plan pl(cfg, pp);
-    ws.reserve(pl.workspace_bytes());
+    ws.reserve(std::max(pl.workspace_bytes(), dense_plan ? dense_plan->workspace_bytes() : 0));
     run_args a = base;
     a.index = index.get();
     // Each step draws its own sample, so the budget, the density and the error change from step
     // to step: the row reports their means over every timed step (err: over every step and head).
-    double density = 0, bytes = 0, n_f = 0, b = 0;
-    std::vector<double> err;
+    double bytes = 0, n_f = 0, b = 0;
+    std::vector<double> err, density_steps;  // density_steps: each call's (mean over its heads)
     err.reserve(heads * size_t(o.reps));
-    double density_min = INFINITY, density_max = 0;  // of one call (mean over its heads)
-    std::vector<double> density_steps;               // each timed call's, in step order
     auto after_run = [&] {
       double call_density = 0;
       for (const head_stats& s : stats) {
         call_density += s.density, bytes += double(s.bytes_kv), n_f += double(s.n_f);
         b += double(s.b);
       }
-      density += call_density;
       density_steps.push_back(call_density / double(heads));
-      density_min = std::min(density_min, density_steps.back());
-      density_max = std::max(density_max, density_steps.back());
       for (size_t x = 0; x < heads; ++x) {
         if (is_dense) {  // the baseline itself
           err.push_back(0.0);
@@ -399,24 +395,21 @@ void measure_group(const bench_options& o, const std::vector<row_spec>& specs, d
     };
     const timing tm = time_runs(pl, a, ws, o.reps, after_run, is_dense ? paired_dense{} : pd);
     const double med = median(tm.ms);
-    const double dense_paired_ms = is_dense              ? med
-                                   : tm.dense_ms.empty() ? dense_ms
-                                                         : median(tm.dense_ms);
+    const double dense_paired_ms = is_dense ? med : median(tm.dense_ms);  // dense runs first
     const double mn = *std::min_element(tm.ms.begin(), tm.ms.end());
     const double runs = double(heads) * double(o.reps);
-    density /= runs, n_f /= runs, b /= runs;
+    const double density =
+        std::accumulate(density_steps.begin(), density_steps.end(), 0.0) / double(o.reps);
+    n_f /= runs, b /= runs;
     bytes /= double(o.reps);  // per call
     if (is_dense) {
       dense_out = out;
       dense_ms = med;
       dense_plan = std::make_unique<plan>(cfg, pp);
-      paired_ws.reserve(dense_plan->workspace_bytes());
       pd.pl = dense_plan.get();
       pd.a = base;
       pd.a.out = paired_out.data();
-      pd.a.stats = paired_stats.data();
-      pd.ws = &paired_ws;
-      dense_plan->run(pd.a, paired_ws.data(), paired_ws.size());  // warm-up, untimed
+      pd.a.stats = nullptr;
     }
     const eval::summary es = eval::summarize(err);
 
@@ -472,8 +465,8 @@ void measure_group(const bench_options& o, const std::vector<row_spec>& specs, d
     row["median_ms"] = med;
     row["min_ms"] = mn;
     row["density"] = density;
-    row["density_min"] = density_min;
-    row["density_max"] = density_max;
+    row["density_min"] = *std::min_element(density_steps.begin(), density_steps.end());
+    row["density_max"] = *std::max_element(density_steps.begin(), density_steps.end());
     row["density_steps"] = density_steps;
     row["n_f_mean"] = n_f;
     row["b_mean"] = b;

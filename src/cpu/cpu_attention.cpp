@@ -176,18 +176,24 @@ float max_of(const float* x, int64_t n) {
   return r;
 }
 
-// sum_i x[i] and sum_i x[i]^2 in double, four partial sums each (a fixed summation order).
-void sum_squares(const float* x, int64_t n, double* sum, double* sq) {
+// *sum += sum_i x[i] and, with Squares, *sq += sum_i x[i]^2, in double with four partial sums
+// each (a fixed summation order).
+template <bool Squares>
+void add_sums(const float* x, int64_t n, double* sum, double* sq = nullptr) {
   double s[4] = {0, 0, 0, 0}, q[4] = {0, 0, 0, 0};
   int64_t i = 0;
   for (; i + 4 <= n; i += 4)
     for (int j = 0; j < 4; ++j) {
       const double v = x[i + j];
-      s[j] += v, q[j] += v * v;
+      s[j] += v;
+      if constexpr (Squares) q[j] += v * v;
     }
-  for (; i < n; ++i) s[0] += double(x[i]), q[0] += double(x[i]) * x[i];
+  for (; i < n; ++i) {
+    s[0] += double(x[i]);
+    if constexpr (Squares) q[0] += double(x[i]) * x[i];
+  }
   *sum += (s[0] + s[1]) + (s[2] + s[3]);
-  if (sq) *sq += (q[0] + q[1]) + (q[2] + q[3]);
+  if constexpr (Squares) *sq += (q[0] + q[1]) + (q[2] + q[3]);
 }
 
 // The rows one unit reads, with the kernels of the SIMD level in use.
@@ -357,7 +363,7 @@ class unit_runner {
     weigh(n_f, m0);
     src_.wsum(ws_.cl, n_max_, g_, d_, ws_.off, n_f, ws_.part, ws_.acc, d_);
     for (int32_t x = 0; x < g_; ++x)
-      sum_squares(ws_.cl + x * n_max_ + n_f, m0, &acc_[x].s_e, &acc_[x].s_ee);
+      add_sums<true>(ws_.cl + x * n_max_ + n_f, m0, &acc_[x].s_e, &acc_[x].s_ee);
     src_.moments(ws_.cl + n_f, n_max_, g_, d_, ws_.off + n_f, m0, ws_.mpart, acc_[0].s_ev,
                  acc_[0].s_evev, acc_[0].s_eev);
     prof.attend_s += seconds_since(t0);
@@ -514,7 +520,7 @@ class unit_runner {
       exp_inplace(active_simd_level(), l, n_f + m0);
       head_acc& A = acc_[x];
       A.c = c;
-      sum_squares(l, n_f, &A.d_f, nullptr);
+      add_sums<false>(l, n_f, &A.d_f);
     }
   }
 
@@ -563,7 +569,7 @@ class unit_runner {
       }
       for (int64_t i = 0; i < cnt; ++i) l[i] -= c;
       exp_inplace(active_simd_level(), l, cnt);
-      sum_squares(l, cnt, &A.s_e, nullptr);
+      add_sums<false>(l, cnt, &A.s_e);
     }
     src_.wsum(ws_.cl + at, n_max_, g_, d_, ws_.off + at, cnt, ws_.part, ws_.acc + int64_t(g_) * d_,
               d_);
