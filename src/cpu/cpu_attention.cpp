@@ -732,20 +732,26 @@ class unit_runner {
     // descending, lower position first).
     list_rows(0, list, len);
     src_.logits(ws_.qs, g_, d_, ws_.off, list, len, ws_.logits, n_max_);
+    // The k-th largest logit of each head by a selection over a copy of its values (no index
+    // indirection; the heads' selections are independent tasks), then one pass in list
+    // (= position) order: the logits above it, and the lowest positions among those equal to it.
+    float thr[256];
+    VATTN_TASKLOOP
     for (int32_t x = 0; x < g_; ++x) {
-      // The k-th largest logit by a selection over a copy of the values (no index
-      // indirection), then one pass in list (= position) order: the logits above it, and the
-      // lowest positions among those equal to it.
       const float* l = ws_.logits + x * n_max_;
-      float* tmp = cl(0);  // free until F's logits are listed
+      float* tmp = cl(x);  // free until F's logits are listed
       std::copy(l, l + len, tmp);
       std::nth_element(tmp, tmp + (st.k - 1), tmp + len, std::greater<float>());
-      const float thr = tmp[st.k - 1];
+      thr[x] = tmp[st.k - 1];
+    }
+    for (int32_t x = 0; x < g_; ++x) {
+      const float* l = ws_.logits + x * n_max_;
+      const float t = thr[x];
       int64_t above = 0;
-      for (int64_t i = 0; i < len; ++i) above += l[i] > thr;
+      for (int64_t i = 0; i < len; ++i) above += l[i] > t;
       int64_t at_thr = st.k - above;
       for (int64_t i = 0; i < len; ++i) {
-        if (l[i] > thr || (l[i] == thr && at_thr-- > 0)) ws_.flags[list[i]] = 1;
+        if (l[i] > t || (l[i] == t && at_thr-- > 0)) ws_.flags[list[i]] = 1;
       }
     }
     refine_rows_ = len;
