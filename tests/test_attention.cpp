@@ -413,6 +413,28 @@ void expect_same_for_thread_counts(const config& cfg, Make make, const char* wha
 }
 
 // Results do not depend on the number of threads.
+// Long enough that the sample walk runs in tasks (draws of k_walk_grain = 1024 tokens and more,
+// base and extension): the same tokens as the reference's one-at-a-time walk, for every thread
+// count.
+TEST(CpuVsReference, LongDrawsWalkInTasks) {
+  for (const char* m : {"vattention", "signs"}) {
+    const std::string name = m;
+    config cfg = name == "signs" ? parse_config("predictor=signs", small_config("vattention"))
+                                 : small_config(m);
+    cfg.gqa_shared = true;
+    cfg.eps = 0.002;  // budgets well past the base draws
+    auto make = [] {
+      return make_batch(synth::family::clustered, {30000, 12000}, 4, 2, 16, dtype::f32,
+                        kv_layout::contiguous, 13);
+    };
+    batch b = make();
+    expect_matches_reference(cfg, b, m);
+    for (const head_stats& st : b.stats)
+      EXPECT_GE(st.b - st.m, 1024) << m << " m " << st.m << " b " << st.b;
+    expect_same_for_thread_counts(cfg, make, m);
+  }
+}
+
 TEST(Threads, IdenticalFor1_2_8) {
   for (const char* m : {"vattention", "random", "hub", "dense", "signs", "refine"}) {
     const std::string name = m;

@@ -215,6 +215,49 @@ TEST(ResidualWalk, TakeEqualsNext) {
   }
 }
 
+// values() over split ranges and take_values() (the threaded walk) give take()'s tokens: ranges
+// too short, just long enough and longer than the tokens asked for, then take() after them.
+TEST(ResidualWalk, ValuesThenTakeValuesEqualsNext) {
+  for (uint64_t n : {uint64_t(300), uint64_t(4096), uint64_t(131072), uint64_t(1 << 20) + 1}) {
+    SCOPED_TRACE("n=" + std::to_string(n));
+    std::vector<char> in_f(n, 0);
+    for (uint64_t t = 0; t < n; ++t) in_f[t] = (mix64(3 * n + t) % 10) < 4;  // ~40% in F
+    const int64_t n_s = int64_t(n) - std::count(in_f.begin(), in_f.end(), 1);
+    auto f = [&](uint64_t x) { return in_f[x] != 0; };
+    const uint64_t key = sample_key(7, 1, int64_t(n), 3, 2);
+    residual_walk ref(key, n);
+    std::vector<int32_t> want(static_cast<size_t>(n_s));
+    for (int64_t j = 0; j < n_s; ++j) want[size_t(j)] = int32_t(ref.next(f));
+    std::vector<uint16_t> table(keyed_permutation::k_table_entries);
+    for (bool tabled : {false, true}) {
+      residual_walk w(key, n);
+      const bool use = tabled && w.permutation().tabulable();
+      if (use) w.permutation().tabulate(table.data());
+      const uint16_t* tb = use ? table.data() : nullptr;
+      std::vector<int32_t> got(size_t(n_s) + 1, -1), vals(n);
+      int64_t at = 0;
+      // (tokens asked, positions evaluated): fewer positions than needed, then more
+      const std::pair<int64_t, int64_t> rounds[] = {{50, 20}, {40, 200}, {1, 1}, {700, 5000}};
+      for (auto [ask, span] : rounds) {
+        const int64_t c = std::min(ask, n_s - at);
+        const uint64_t pos = w.position();
+        const int64_t nv = std::min<int64_t>(span, int64_t(n - pos));
+        // two ranges, the later one first: values() must not depend on call order
+        const int64_t half = nv / 2;
+        w.values(pos + uint64_t(half), nv - half, vals.data() + half, tb);
+        w.values(pos, half, vals.data(), tb);
+        const int64_t took = w.take_values(vals.data(), nv, c, f, got.data() + at);
+        ASSERT_LE(took, c);
+        ASSERT_EQ(got[size_t(at + c)], -1) << "take_values wrote past its count";
+        at += took;
+      }
+      w.take(n_s - at, f, got.data() + at, tb);
+      got.pop_back();
+      EXPECT_EQ(got, want) << (use ? "with tables" : "without tables");
+    }
+  }
+}
+
 TEST(UniformDraw, InRangeAndUniform) {
   const uint64_t n = 40, draws = 80000;
   std::vector<double> c(n, 0);

@@ -125,20 +125,84 @@ class residual_walk {
   // with next(), 23 ns with take and a table.
   template <typename InF>
   void take(int64_t count, const InF& in_f, int32_t* out, const uint16_t* table) {
-    if (table) {
-      const uint32_t h = perm_.half_bits();
-      auto lookup = [table, h](int k, uint64_t r) {
-        return uint64_t(table[(uint64_t(k) << h) | r]);
-      };
-      take_with(count, in_f, out, [&](uint64_t x) { return perm_.step_with(x, lookup); });
-    } else {
-      take_with(count, in_f, out, [&](uint64_t x) { return perm_.step(x); });
-    }
+    with_step(table, [&](const auto& step) { take_with(count, in_f, out, step); });
   }
+
+  // Host, for a walk split across threads: the permutation's values at positions [from, from +
+  // cnt) into vals, evaluated as take() evaluates them. The walk itself is untouched, so
+  // concurrent calls over disjoint ranges are safe; take_values() then consumes them in order.
+  void values(uint64_t from, int64_t cnt, int32_t* vals, const uint16_t* table) const {
+    with_step(table, [&](const auto& step) {
+      uint64_t x[k_block];
+      for (int64_t i = 0; i < cnt; i += k_block) {
+        const int nb = int(cnt - i < k_block ? cnt - i : k_block);
+        walk_block(from + uint64_t(i), nb, x, step);
+        for (int j = 0; j < nb; ++j) vals[i + j] = int32_t(x[j]);
+      }
+    });
+  }
+  // Host: the next tokens of R from vals, the values of the walk's next nv positions (values()
+  // from position()): at most `count` of them into out, exactly what take() would give. Returns
+  // how many; the walk advances past the positions used.
+  template <typename InF>
+  int64_t take_values(const int32_t* vals, int64_t nv, int64_t count, const InF& in_f,
+                      int32_t* out) {
+    int64_t got = 0, i = 0;
+    for (; i < nv && got < count; ++i) {
+      out[got] = vals[i];
+      got += !in_f(uint64_t(vals[i]));
+    }
+    pos_ += uint64_t(i);
+    return got;
+  }
+  uint64_t position() const { return pos_; }
   const keyed_permutation& permutation() const { return perm_; }
 
  private:
   static constexpr int k_block = 32;
+
+  // A round's function read from tabulate()'s table (callable wherever step_with is).
+  struct table_round {
+    const uint16_t* table;
+    uint32_t h;
+    VATTN_HD uint64_t operator()(int k, uint64_t r) const {
+      return uint64_t(table[(uint64_t(k) << h) | r]);
+    }
+  };
+
+  // f(step) with step(x) one evaluation of the network: from `table` (tabulate(), or nullptr)
+  // each round's 64-bit mix is a lookup.
+  template <typename F>
+  void with_step(const uint16_t* table, const F& f) const {
+    if (table) {
+      const table_round lookup{table, perm_.half_bits()};
+      f([&](uint64_t x) { return perm_.step_with(x, lookup); });
+    } else {
+      f([&](uint64_t x) { return perm_.step(x); });
+    }
+  }
+
+  // x[j] = the permutation's value at position p + j, j < nb <= k_block: each position's cycle
+  // walk is an independent chain, so the block's chains overlap in the core, and a position
+  // leaves the active list as soon as its walk lands in [0, n).
+  template <typename Step>
+  void walk_block(uint64_t p, int nb, uint64_t* x, const Step& step) const {
+    const uint64_t n = perm_.size();
+    uint8_t active[k_block];
+    int na = nb;
+    for (int j = 0; j < nb; ++j) x[j] = p + uint64_t(j), active[j] = uint8_t(j);
+    while (na > 0) {
+      for (int i = 0; i < na; ++i) x[active[i]] = step(x[active[i]]);
+      int still = 0;  // compaction without a branch per position
+      for (int i = 0; i < na; ++i) {
+        const int j = active[i];
+        active[still] = uint8_t(j);
+        still += x[j] >= n;
+      }
+      na = still;
+    }
+  }
+
   template <typename InF, typename Step>
   void take_with(int64_t count, const InF& in_f, int32_t* out, const Step& step) {
     const uint64_t n = perm_.size();
@@ -149,19 +213,7 @@ class residual_walk {
       if (pos_ >= n) return;
       const int nb = int(n - pos_ < uint64_t(k_block) ? n - pos_ : uint64_t(k_block));
       uint64_t x[k_block];
-      uint8_t active[k_block];
-      int na = nb;
-      for (int j = 0; j < nb; ++j) x[j] = pos_ + uint64_t(j), active[j] = uint8_t(j);
-      while (na > 0) {
-        for (int i = 0; i < na; ++i) x[active[i]] = step(x[active[i]]);
-        int still = 0;  // compaction without a branch per position
-        for (int i = 0; i < na; ++i) {
-          const int j = active[i];
-          active[still] = uint8_t(j);
-          still += x[j] >= n;
-        }
-        na = still;
-      }
+      walk_block(pos_, nb, x, step);
       for (int j = 0; j < nb; ++j) {
         if (in_f(x[j])) continue;
         out[got++] = int32_t(x[j]);

@@ -51,6 +51,7 @@ size_t align_up(size_t x) {
 // Tokens per split-KV chunk of the dense path: fixed (not derived from the thread count), so
 // every thread count gives the same partial states and the same merged output.
 constexpr int64_t k_dense_chunk = 256;
+constexpr int64_t k_walk_grain = 1024;  // positions of the sample walk a task evaluates
 // Rows per f32 block of a weighted V sum before it is added into the double accumulators.
 constexpr int64_t k_flush = 512;
 
@@ -345,7 +346,20 @@ class unit_runner {
         perm.tabulate(ws_.walk_table);
         table = ws_.walk_table;
       }
-      walk.take(to - from, in_f, ws_.sample + from, table);
+      // Long draws: the permutation's values at the next positions are evaluated by tasks of
+      // k_walk_grain positions (about as many as `need` tokens take, from the residual's share
+      // of n) into ws_.cand + from (free until the draws are sorted there), then kept in order.
+      int64_t at = from;
+      while (to - at >= k_walk_grain && walk.position() < uint64_t(n_)) {
+        const int64_t need = to - at, pos = int64_t(walk.position());
+        const int64_t nv = std::min(n_ - pos, need + need * n_f / n_s + need / 16 + 64);
+        int32_t* vals = ws_.cand + from;
+        VATTN_TASKLOOP
+        for (int64_t i = 0; i < nv; i += k_walk_grain)
+          walk.values(uint64_t(pos + i), std::min(k_walk_grain, nv - i), vals + i, table);
+        at += walk.take_values(vals, nv, need, in_f, ws_.sample + at);
+      }
+      walk.take(to - at, in_f, ws_.sample + at, table);
     };
     int64_t m0 = 0;  // the first sample drawn before the budget is known
     if (cfg.sample == sampling::fixed_rate) m0 = fixed_rate_sample_size(cfg, n_s);
