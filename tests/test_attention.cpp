@@ -412,7 +412,6 @@ void expect_same_for_thread_counts(const config& cfg, Make make, const char* wha
   EXPECT_EQ(idx[0], idx[2]) << what;
 }
 
-// Results do not depend on the number of threads.
 // Long enough that the sample walk runs in tasks (draws of k_walk_grain = 1024 tokens and more,
 // base and extension): the same tokens as the reference's one-at-a-time walk, for every thread
 // count.
@@ -429,12 +428,15 @@ TEST(CpuVsReference, LongDrawsWalkInTasks) {
     };
     batch b = make();
     expect_matches_reference(cfg, b, m);
-    for (const head_stats& st : b.stats)
+    for (const head_stats& st : b.stats) {  // both draws long enough for tasks
+      EXPECT_GE(st.m, 1024) << m << " m " << st.m << " b " << st.b;
       EXPECT_GE(st.b - st.m, 1024) << m << " m " << st.m << " b " << st.b;
+    }
     expect_same_for_thread_counts(cfg, make, m);
   }
 }
 
+// Results do not depend on the number of threads.
 TEST(Threads, IdenticalFor1_2_8) {
   for (const char* m : {"vattention", "random", "hub", "dense", "signs", "refine"}) {
     const std::string name = m;

@@ -216,7 +216,8 @@ TEST(ResidualWalk, TakeEqualsNext) {
 }
 
 // values() over split ranges and take_values() (the threaded walk) give take()'s tokens: ranges
-// too short, just long enough and longer than the tokens asked for, then take() after them.
+// too short, just long enough and longer than the tokens asked for, then take() after them; so
+// does take_ahead() however its spans are sized and its blocks ordered.
 TEST(ResidualWalk, ValuesThenTakeValuesEqualsNext) {
   for (uint64_t n : {uint64_t(300), uint64_t(4096), uint64_t(131072), uint64_t(1 << 20) + 1}) {
     SCOPED_TRACE("n=" + std::to_string(n));
@@ -254,6 +255,30 @@ TEST(ResidualWalk, ValuesThenTakeValuesEqualsNext) {
       w.take(n_s - at, f, got.data() + at, tb);
       got.pop_back();
       EXPECT_EQ(got, want) << (use ? "with tables" : "without tables");
+
+      // take_ahead: blocks evaluated last to first; a hint of F's size that is exact, too small
+      // (spans short of the tokens wanted: several rounds) or too large (spans to the end).
+      const int64_t n_f = int64_t(n) - n_s;
+      for (int64_t hint : {n_f, int64_t(0), int64_t(n) - 1}) {
+        for (int64_t grain : {int64_t(16), int64_t(1024)}) {
+          residual_walk a(key, n);
+          std::vector<int32_t> out(size_t(n_s) + 1, -1);
+          int64_t rounds = 0;
+          auto backwards = [&](int64_t nv, const auto& eval) {
+            ++rounds;
+            for (int64_t i = (nv - 1) / grain * grain; i >= 0; i -= grain) eval(i);
+          };
+          const int64_t first = std::min<int64_t>(n_s, 3000);
+          a.take_ahead(first, f, out.data(), tb, vals.data(), grain, hint, backwards);
+          a.take_ahead(n_s - first, f, out.data() + first, tb, vals.data(), grain, hint, backwards);
+          EXPECT_EQ(out[size_t(n_s)], -1) << "take_ahead wrote past its count";
+          out.pop_back();
+          EXPECT_EQ(out, want) << "hint " << hint << " grain " << grain;
+          if (hint == 0 && grain == 16 && n >= 4096) {  // spans short by ~40% (in F)
+            EXPECT_GT(rounds, 2) << "hint 0 takes several rounds";
+          }
+        }
+      }
     }
   }
 }

@@ -3,6 +3,7 @@
 // uniform draws with replacement (hub compatibility). Pure integer arithmetic, no state.
 #pragma once
 
+#include <cassert>
 #include <cstdint>
 
 #if defined(__CUDACC__)
@@ -132,6 +133,7 @@ class residual_walk {
   // cnt) into vals, evaluated as take() evaluates them. The walk itself is untouched, so
   // concurrent calls over disjoint ranges are safe; take_values() then consumes them in order.
   void values(uint64_t from, int64_t cnt, int32_t* vals, const uint16_t* table) const {
+    assert(from + uint64_t(cnt) <= perm_.size());  // a position past n may never walk back
     with_step(table, [&](const auto& step) {
       uint64_t x[k_block];
       for (int64_t i = 0; i < cnt; i += k_block) {
@@ -156,6 +158,29 @@ class residual_walk {
     return got;
   }
   uint64_t position() const { return pos_; }
+
+  // Host: take(count, ...) with the values of the positions ahead evaluated in blocks that may
+  // run concurrently: each round sizes a span for the tokens still wanted (the residual's share
+  // of n from n_f, the size of F, plus a margin), calls for_blocks(nv, eval), which must call
+  // eval(i) once for each i = 0, grain, 2 grain, ... < nv in any order or concurrently, into
+  // vals (nv entries), then keeps its tokens in order (take_values). Rounds repeat while at
+  // least `grain` tokens are wanted; take() finishes. The tokens are exactly take()'s.
+  template <typename InF, typename ForBlocks>
+  void take_ahead(int64_t count, const InF& in_f, int32_t* out, const uint16_t* table,
+                  int32_t* vals, int64_t grain, int64_t n_f, const ForBlocks& for_blocks) {
+    const int64_t n = int64_t(perm_.size()), n_s = n - n_f > 1 ? n - n_f : 1;
+    int64_t got = 0;
+    while (count - got >= grain && pos_ < uint64_t(n)) {
+      const int64_t need = count - got, p = int64_t(pos_), left = n - p;
+      const int64_t want = need + need * n_f / n_s + need / 16 + 64;
+      const int64_t nv = want < left ? want : left;
+      for_blocks(nv, [&, p, nv](int64_t i) {
+        values(uint64_t(p + i), grain < nv - i ? grain : nv - i, vals + i, table);
+      });
+      got += take_values(vals, nv, need, in_f, out + got);
+    }
+    take(count - got, in_f, out + got, table);
+  }
   const keyed_permutation& permutation() const { return perm_; }
 
  private:

@@ -346,20 +346,13 @@ class unit_runner {
         perm.tabulate(ws_.walk_table);
         table = ws_.walk_table;
       }
-      // Long draws: the permutation's values at the next positions are evaluated by tasks of
-      // k_walk_grain positions (about as many as `need` tokens take, from the residual's share
-      // of n) into ws_.cand + from (free until the draws are sorted there), then kept in order.
-      int64_t at = from;
-      while (to - at >= k_walk_grain && walk.position() < uint64_t(n_)) {
-        const int64_t need = to - at, pos = int64_t(walk.position());
-        const int64_t nv = std::min(n_ - pos, need + need * n_f / n_s + need / 16 + 64);
-        int32_t* vals = ws_.cand + from;
-        VATTN_TASKLOOP
-        for (int64_t i = 0; i < nv; i += k_walk_grain)
-          walk.values(uint64_t(pos + i), std::min(k_walk_grain, nv - i), vals + i, table);
-        at += walk.take_values(vals, nv, need, in_f, ws_.sample + at);
-      }
-      walk.take(to - at, in_f, ws_.sample + at, table);
+      // Long draws evaluate the permutation's positions ahead in tasks of k_walk_grain into
+      // ws_.cand + from (free until the draws are sorted there).
+      walk.take_ahead(to - from, in_f, ws_.sample + from, table, ws_.cand + from, k_walk_grain, n_f,
+                      [](int64_t nv, const auto& eval) {
+                        VATTN_TASKLOOP
+                        for (int64_t i = 0; i < nv; i += k_walk_grain) eval(i);
+                      });
     };
     int64_t m0 = 0;  // the first sample drawn before the budget is known
     if (cfg.sample == sampling::fixed_rate) m0 = fixed_rate_sample_size(cfg, n_s);
@@ -381,7 +374,8 @@ class unit_runner {
     // The V moments serve the numerator, combined and output budgets; the denominator's needs
     // only the sums of e and e^2, so its base rows take the plain weighted sum (float chunks, as
     // the extension's).
-    if (cfg.sample == sampling::adaptive && cfg.mode != budget_mode::denominator)
+    const bool v_moments = cfg.sample == sampling::adaptive && cfg.mode != budget_mode::denominator;
+    if (v_moments)
       src_.moments(ws_.cl + n_f, n_max_, g_, d_, ws_.off + n_f, m0, ws_.mpart, acc_[0].s_ev,
                    acc_[0].s_evev, acc_[0].s_eev);
     else
@@ -393,7 +387,7 @@ class unit_runner {
     double est[256];
     for (int32_t x = 0; x < g_; ++x) {
       if (m0 >= 2) {
-        base_moments bm = moments(acc_[x], n_s, m0);
+        base_moments bm = moments(acc_[x], n_s, m0, v_moments);
         if (cfg.sample == sampling::adaptive) {
           b = std::max(b, compute_budget(cfg.mode, cfg.eps, cfg.delta, bm).b);
           moments_[x] = bm;
@@ -544,14 +538,16 @@ class unit_runner {
     }
   }
 
-  base_moments moments(const head_acc& A, int64_t n_s, int64_t m) const {
+  // The budget's moments of one head; with_v: the V moments were summed (not for the
+  // denominator budget or a fixed rate, whose var_ev, var_eo and norms then stay 0, unread).
+  base_moments moments(const head_acc& A, int64_t n_s, int64_t m, bool with_v) const {
     base_moments mm;
     mm.n_s = n_s;
     mm.m = m;
     const double md = double(m), w = double(n_s) / md;
     mm.d_hat = A.d_f + w * A.s_e;
     mm.var_e = (A.s_ee - A.s_e * A.s_e / md) / (md - 1);
-    for (int32_t j = 0; j < d_; ++j) {
+    for (int32_t j = 0; with_v && j < d_; ++j) {
       const double nh = A.n_f[j] + w * A.s_ev[j];
       const double o = nh / mm.d_hat;
       mm.n_norm2 += nh * nh;
