@@ -172,26 +172,43 @@ TEST(ResidualWalk, VisitsResidualOnce) {
   }
 }
 
+// A residual of n tokens: about tenths/10 of them (and token 0) in F, and the tokens repeated
+// next() calls of a walk keyed by key give.
+struct walk_case {
+  std::vector<char> in_f;
+  int64_t n_s;
+  uint64_t key;
+  std::vector<int32_t> want;
+  walk_case(uint64_t n, uint64_t salt, uint64_t tenths, uint64_t k) : in_f(n, 0), key(k) {
+    for (uint64_t t = 0; t < n; ++t) in_f[t] = (mix64(salt + t) % 10) < tenths;
+    in_f[0] = 1;
+    n_s = int64_t(n) - std::count(in_f.begin(), in_f.end(), 1);
+    residual_walk ref(key, n);
+    auto f = [&](uint64_t x) { return in_f[x] != 0; };
+    for (int64_t j = 0; j < n_s; ++j) want.push_back(int32_t(ref.next(f)));
+  }
+  bool operator()(uint64_t x) const { return in_f[x] != 0; }  // in F
+  // w's round table when asked for and possible (into table), else nullptr.
+  std::vector<uint16_t> table = std::vector<uint16_t>(keyed_permutation::k_table_entries);
+  const uint16_t* table_for(const residual_walk& w, bool tabled) {
+    if (!tabled || !w.permutation().tabulable()) return nullptr;
+    w.permutation().tabulate(table.data());
+    return table.data();
+  }
+};
+
 // take() (blocks of positions walked at once, with or without round tables) gives exactly the
 // tokens of repeated next() calls, across calls of every size and up to the residual's end.
 TEST(ResidualWalk, TakeEqualsNext) {
   const uint64_t sizes[] = {3, 17, 256, 300, 4096, 131072, 1 << 20, (1 << 20) + 1};
   for (uint64_t n : sizes) {
     SCOPED_TRACE("n=" + std::to_string(n));
-    std::vector<char> in_f(n, 0);
-    for (uint64_t t = 0; t < n; ++t) in_f[t] = (mix64(n + t) % 10) < 3;  // ~30% in F
-    in_f[0] = 1;
-    const int64_t n_s = int64_t(n) - std::count(in_f.begin(), in_f.end(), 1);
-    auto f = [&](uint64_t x) { return in_f[x] != 0; };
-    const uint64_t key = sample_key(5, 2, int64_t(n), 1, 9);
-    residual_walk ref(key, n);
-    std::vector<int32_t> want(static_cast<size_t>(n_s));
-    for (int64_t j = 0; j < n_s; ++j) want[size_t(j)] = int32_t(ref.next(f));
-    std::vector<uint16_t> table(keyed_permutation::k_table_entries);
+    walk_case wc(n, n, 3, sample_key(5, 2, int64_t(n), 1, 9));  // ~30% in F
+    const walk_case& f = wc;
+    const int64_t n_s = wc.n_s;
     for (bool tabled : {false, true}) {
-      residual_walk w(key, n);
-      const bool use = tabled && w.permutation().tabulable();
-      if (use) w.permutation().tabulate(table.data());
+      residual_walk w(wc.key, n);
+      const uint16_t* tb = wc.table_for(w, tabled);
       EXPECT_EQ(w.permutation().tabulable(), n <= (uint64_t(1) << 20));
       std::vector<int32_t> got(size_t(n_s) + 1, -1);  // one guard entry past the end
       int64_t at = 0;
@@ -199,17 +216,17 @@ TEST(ResidualWalk, TakeEqualsNext) {
            {int64_t(0), int64_t(1), int64_t(31), int64_t(32), int64_t(33), int64_t(1000)}) {
         const int64_t c = std::min(step, n_s - at);
         std::fill(got.begin() + at, got.end(), -1);
-        w.take(c, f, got.data() + at, use ? table.data() : nullptr);
+        w.take(c, f, got.data() + at, tb);
         ASSERT_EQ(got[size_t(at + c)], -1) << "take wrote past its count";
         at += c;
       }
-      w.take(n_s - at, f, got.data() + at, use ? table.data() : nullptr);
+      w.take(n_s - at, f, got.data() + at, tb);
       EXPECT_EQ(got[size_t(n_s)], -1) << "take wrote past its count";
       got.pop_back();
-      EXPECT_EQ(got, want) << (use ? "with tables" : "without tables");
+      EXPECT_EQ(got, wc.want) << (tb ? "with tables" : "without tables");
       // the residual is exhausted: a further take returns without writing (or looping)
       int32_t none = -1;
-      w.take(1, f, &none, use ? table.data() : nullptr);
+      w.take(1, f, &none, tb);
       EXPECT_EQ(none, -1);
     }
   }
@@ -221,20 +238,12 @@ TEST(ResidualWalk, TakeEqualsNext) {
 TEST(ResidualWalk, ValuesThenTakeValuesEqualsNext) {
   for (uint64_t n : {uint64_t(300), uint64_t(4096), uint64_t(131072), uint64_t(1 << 20) + 1}) {
     SCOPED_TRACE("n=" + std::to_string(n));
-    std::vector<char> in_f(n, 0);
-    for (uint64_t t = 0; t < n; ++t) in_f[t] = (mix64(3 * n + t) % 10) < 4;  // ~40% in F
-    const int64_t n_s = int64_t(n) - std::count(in_f.begin(), in_f.end(), 1);
-    auto f = [&](uint64_t x) { return in_f[x] != 0; };
-    const uint64_t key = sample_key(7, 1, int64_t(n), 3, 2);
-    residual_walk ref(key, n);
-    std::vector<int32_t> want(static_cast<size_t>(n_s));
-    for (int64_t j = 0; j < n_s; ++j) want[size_t(j)] = int32_t(ref.next(f));
-    std::vector<uint16_t> table(keyed_permutation::k_table_entries);
+    walk_case wc(n, 3 * n, 4, sample_key(7, 1, int64_t(n), 3, 2));  // ~40% in F
+    const walk_case& f = wc;
+    const int64_t n_s = wc.n_s;
     for (bool tabled : {false, true}) {
-      residual_walk w(key, n);
-      const bool use = tabled && w.permutation().tabulable();
-      if (use) w.permutation().tabulate(table.data());
-      const uint16_t* tb = use ? table.data() : nullptr;
+      residual_walk w(wc.key, n);
+      const uint16_t* tb = wc.table_for(w, tabled);
       std::vector<int32_t> got(size_t(n_s) + 1, -1), vals(n);
       int64_t at = 0;
       // (tokens asked, positions evaluated): fewer positions than needed, then more
@@ -254,14 +263,14 @@ TEST(ResidualWalk, ValuesThenTakeValuesEqualsNext) {
       }
       w.take(n_s - at, f, got.data() + at, tb);
       got.pop_back();
-      EXPECT_EQ(got, want) << (use ? "with tables" : "without tables");
+      EXPECT_EQ(got, wc.want) << (tb ? "with tables" : "without tables");
 
       // take_ahead: blocks evaluated last to first; a hint of F's size that is exact, too small
       // (spans short of the tokens wanted: several rounds) or too large (spans to the end).
       const int64_t n_f = int64_t(n) - n_s;
       for (int64_t hint : {n_f, int64_t(0), int64_t(n) - 1}) {
         for (int64_t grain : {int64_t(16), int64_t(1024)}) {
-          residual_walk a(key, n);
+          residual_walk a(wc.key, n);
           std::vector<int32_t> out(size_t(n_s) + 1, -1);
           int64_t rounds = 0;
           auto backwards = [&](int64_t nv, const auto& eval) {
@@ -273,7 +282,7 @@ TEST(ResidualWalk, ValuesThenTakeValuesEqualsNext) {
           a.take_ahead(n_s - first, f, out.data() + first, tb, vals.data(), grain, hint, backwards);
           EXPECT_EQ(out[size_t(n_s)], -1) << "take_ahead wrote past its count";
           out.pop_back();
-          EXPECT_EQ(out, want) << "hint " << hint << " grain " << grain;
+          EXPECT_EQ(out, wc.want) << "hint " << hint << " grain " << grain;
           if (hint == 0 && grain == 16 && n >= 4096) {  // spans short by ~40% (in F)
             EXPECT_GT(rounds, 2) << "hint 0 takes several rounds";
           }
