@@ -359,6 +359,22 @@ TEST(Budget, OutputAndCombined) {
   EXPECT_NEAR(c.b0, std::max(bd, bn), 1e-6 * std::max(bd, bn));
 }
 
+// budget_uses_v_moments says which modes read var_ev, var_eo and the norms: changing them moves
+// the budget and the error estimate of exactly those modes.
+TEST(Budget, UsesVMomentsMatchesWhatEachModeReads) {
+  const base_moments mm{10000, 500, 50, 1e-3, 2e-3, 2500 * 0.8, 1e-3, 0.8};
+  base_moments other = mm;
+  other.var_ev *= 3, other.n_norm2 *= 0.5, other.var_eo *= 3, other.o_norm2 *= 0.5;
+  for (budget_mode mode : {budget_mode::denominator, budget_mode::numerator, budget_mode::combined,
+                           budget_mode::output}) {
+    SCOPED_TRACE(budget_mode_name(mode));
+    const bool moved =
+        compute_budget(mode, 0.05, 0.05, mm).b0 != compute_budget(mode, 0.05, 0.05, other).b0 ||
+        estimated_rel_error(mode, 0.05, mm, 800) != estimated_rel_error(mode, 0.05, other, 800);
+    EXPECT_EQ(moved, budget_uses_v_moments(mode));
+  }
+}
+
 TEST(Budget, HubRule) {
   // b = (z sd n_s / max(eps D, 1e-8))^2 clamped to [1, n_s], truncated, clamped to [m, n_s].
   EXPECT_EQ(hub_budget(1.6448536269514722, 0.001, 10, 0.05, 10000, 5),

@@ -54,6 +54,14 @@ mode_terms terms(budget_mode mode, const base_moments& mm) {
   }
 }
 
+}  // namespace
+
+bool budget_uses_v_moments(budget_mode mode) {
+  return mode != budget_mode::denominator;
+}
+
+namespace {
+
 double b0_for(budget_mode mode, double z, double eps, const base_moments& mm) {
   mode_terms t = terms(mode, mm);
   if (!(t.target > 0)) return std::numeric_limits<double>::infinity();

@@ -38,6 +38,10 @@ struct budget {
   double est_rel_error = 0;  // CLT half-width at b over the estimate, for the mode's target
 };
 
+// Whether `mode`'s budget and error estimate read the V moments (var_ev, var_eo and the norms):
+// the denominator mode reads d_hat and var_e alone, so a backend may skip summing V for it.
+bool budget_uses_v_moments(budget_mode mode);
+
 // b from (eps, delta) for `mode` (SPEC section 4, with FPC and debiased norms).
 budget compute_budget(budget_mode mode, double eps, double delta, const base_moments& mm);
 

@@ -371,10 +371,10 @@ class unit_runner {
     src_.wsum(ws_.cl, n_max_, g_, d_, ws_.off, n_f, ws_.part, ws_.acc, d_);
     for (int32_t x = 0; x < g_; ++x)
       add_sums<true>(ws_.cl + x * n_max_ + n_f, m0, &acc_[x].s_e, &acc_[x].s_ee);
-    // The V moments serve the numerator, combined and output budgets; the denominator's needs
-    // only the sums of e and e^2, so its base rows take the plain weighted sum (float chunks, as
-    // the extension's).
-    const bool v_moments = cfg.sample == sampling::adaptive && cfg.mode != budget_mode::denominator;
+    // The V moments serve the budgets that read them (a fixed rate's error estimate is the
+    // denominator's); otherwise the base rows take the plain weighted sum (float chunks, as the
+    // extension's).
+    const bool v_moments = cfg.sample == sampling::adaptive && budget_uses_v_moments(cfg.mode);
     if (v_moments)
       src_.moments(ws_.cl + n_f, n_max_, g_, d_, ws_.off + n_f, m0, ws_.mpart, acc_[0].s_ev,
                    acc_[0].s_evev, acc_[0].s_eev);
